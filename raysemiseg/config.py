@@ -1,0 +1,198 @@
+"""Typed, validated run configuration: YAML in, YAML out, errors before any work starts.
+
+One :class:`TrainConfig` describes a training run of any method. Unknown keys, wrong types and
+unknown method/backbone names fail at load time, naming the key and the valid choices. Method
+knobs live under ``method.params`` and are validated by the method's own ``Params`` model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors; instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(StrictModel):
+    """Where rows come from and how they are augmented."""
+
+    store: str = Field(description="image store directory (Parquet), see raysemiseg.data.store")
+    split_file: str | None = Field(None, description="Parquet split file (image_id -> role); None = store's own split column")
+    train_split: str = "train"
+    val_split: str = "val"
+    label_store: str | None = Field(None, description="pseudo-label store for weak rows (raysemiseg pseudolabel)")
+    crop_size: int = Field(256, ge=32, description="square training crop side, pixels")
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    flip: bool = True
+    batch_size: int = Field(8, ge=1, description="rows per worker per step")
+    strong_fraction: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="fixed fraction of strong rows per mini-batch (WSSL Sec. 3.4, dual-branch k/2k); None = as sampled")
+    val_size: int | None = Field(None, ge=32, description="resize val images' long side (None = as stored)")
+    max_train_rows: int | None = Field(None, ge=1, description="cap on train rows (smoke runs)")
+    max_val_rows: int | None = Field(None, ge=1)
+
+
+class ModelConfig(StrictModel):
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights_path: str | None = Field(None, description="explicit backbone weights file (torch.load weights_only)")
+    output_stride: Literal[8, 16, 32] = 8
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from raysemiseg.models.backbones import BACKBONES
+
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; valid: {sorted(BACKBONES)}")
+        return v
+
+
+class MethodConfig(StrictModel):
+    name: str = "strong_only"
+    stage: str = "default"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_params(self) -> "MethodConfig":
+        from raysemiseg.methods.base import get_method
+
+        try:
+            cls = get_method(self.name)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
+        try:
+            cls.Params(**self.params)
+        except ValidationError as e:
+            raise ValueError(f"method {self.name!r} params: {e}") from None
+        return self
+
+    def build_params(self):
+        """The method's validated ``Params`` instance."""
+        from raysemiseg.methods.base import get_method
+
+        return get_method(self.name).Params(**self.params)
+
+
+class OptimConfig(StrictModel):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    epochs: int = Field(4, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="None = one pass over the train rows")
+    amp: bool = Field(True, description="mixed precision (GPU only; ignored on CPU)")
+    grad_clip: float | None = None
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    storage_path: str = "runs"
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class TrackingConfig(StrictModel):
+    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI or ./mlruns")
+    experiment: str = "raysemiseg"
+    enabled: bool = True
+
+
+class EvalConfig(StrictModel):
+    crf: bool = False
+    num_overlays: int = Field(6, ge=0)
+
+
+class TrainConfig(StrictModel):
+    """A complete training run (``raysemiseg train CONFIG.yaml``)."""
+
+    label_space: str = "voc21"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("label_space")
+    @classmethod
+    def _known_space(cls, v: str) -> str:
+        from raysemiseg.labels import BUILTIN_NAMES
+
+        if v not in BUILTIN_NAMES and not Path(v).is_file():
+            raise ValueError(f"label_space {v!r} is neither a built-in {list(BUILTIN_NAMES)} nor a YAML file")
+        return v
+
+
+class ConfigError(ValueError):
+    """A config file failed validation; the message names the file, the key and the choices."""
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path_or_dict: str | Path | dict, model: type[StrictModel] = TrainConfig,
+                overrides: dict[str, Any] | None = None) -> Any:
+    """Load and validate a config.
+
+    Args:
+        path_or_dict: YAML file path or an already-parsed dict.
+        model: the config class (default :class:`TrainConfig`).
+        overrides: dotted-key overrides applied before validation, e.g. ``{"optim.lr": 0.01}``.
+
+    Raises:
+        ConfigError: naming the file, each offending key and the reason (unknown key, wrong type,
+            unknown method/backbone with the valid names).
+        FileNotFoundError: the file does not exist.
+    """
+    if isinstance(path_or_dict, dict):
+        raw, source = dict(path_or_dict), "<dict>"
+    else:
+        p = Path(path_or_dict)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        raw, source = yaml.safe_load(p.read_text()) or {}, str(p)
+    for key, value in (overrides or {}).items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def dump_config(cfg: BaseModel, path: str | Path | None = None) -> str:
+    """YAML text of ``cfg`` (round-trips through :func:`load_config`); written to ``path`` if given."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

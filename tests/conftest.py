@@ -1,0 +1,35 @@
+"""Shared fixtures: one local Ray session for the whole test session (explicit CPU budget).
+
+Tests that need their own cluster (the 2-node test) run it in a subprocess so this session is
+undisturbed. Logical CPUs are over-provisioned (4 on a 2-core machine) so a Tune driver, a Train
+worker and a Data read can be scheduled together without deadlock.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+RAY_TEST_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray head for all tests (127.0.0.1, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_TEST_CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _node_ip_address="127.0.0.1",
+        )
+    yield ray
+    ray.shutdown()
