@@ -1,0 +1,302 @@
+"""The E-step of weakly-supervised EM (Papandreou et al., ICCV 2015, Alg. 1 and Sec. 3.2).
+
+This module is the single implementation of the E-step. Offline pseudo-labelling
+(``raysemiseg pseudolabel`` with ``em_fixed.yaml`` / ``em_adapt_crf.yaml``) and online WSSL training
+(``methods/wssl``) both call :func:`e_step` (torch, any device) or its present-labels wrapper
+:func:`e_step_present` (numpy or torch).
+
+The paper's E-step (Alg. 1) with image-level labels ``z``::
+
+    f^_m(l) = f_m(l | x; theta') + ln P(y_m = l | z)
+    y^_m    = argmax_l f^_m(l)
+
+where ``f_m`` are the network's per-pixel class scores (logits or log-probabilities: the argmax is
+invariant to a per-pixel shift, so both give the same labels) and ``ln P(y_m = l | z)`` is a per-class
+bias:
+
+* **EM-Fixed** (Sec. 3.2): ``b_l = b_fg`` for present foreground classes, ``b_l = b_bg`` for the
+  background, ``b_l = -inf`` for absent classes (``P(y_m = l | z) = 0`` when ``z_l = 0``).
+  Paper defaults ``b_fg = 5``, ``b_bg = 3``.
+* **EM-Adapt** (Sec. 3.2): per image, biases chosen so that at least ``rho_bg`` of the pixels go to
+  the background and at least ``rho_fg`` to the present foreground labels; absent classes
+  suppressed. Paper defaults ``rho_fg = 0.20``, ``rho_bg = 0.40``.
+
+EM-Adapt rule implemented here (DeepLab's adaptive-bias channel layer, made exact): for every present
+class ``c`` the *score margin* ``d_c(m) = max_{l present} f^_m(l) - f^_m(c) >= 0`` is computed; with
+target fraction ``t_c`` the bias of ``c`` is raised by the ``k``-th smallest margin,
+``k = ceil(t_c * S)`` (``S`` = pixels in the image), plus a tie-breaking epsilon, so that ``c`` then
+wins on at least ``k`` pixels. Targets: ``t_bg = rho_bg`` for the background and
+``t_c = rho_fg / n_fg`` for each of the ``n_fg`` present foreground classes (so the foreground as a
+whole gets at least ``rho_fg``; DeepLab's layer gives ``rho_fg`` to *each* class, which cannot be met
+when ``n_fg * rho_fg + rho_bg > 1``; ``fg_share="per_class"`` selects that behaviour). The
+background is visited first, then the foreground classes in ascending id order, and the sweep is
+repeated until every target holds or ``num_iter`` sweeps were made (biases only grow, so one class's
+raise can take pixels from another; the repeats fix that). The biases found are returned by
+:func:`adaptive_biases`.
+
+Region (Bbox-EM-Fixed, Sec. 4.2): with ``region`` given, the foreground biases apply only inside the
+region (a (H, W) mask of "inside any box", or a per-class (K, H, W) mask "inside a box of class k");
+outside, foreground classes are suppressed, so those pixels go to the background.
+
+Nothing here costs O(size of the label space) per image beyond the score tensor the caller passes:
+with the present-labels layout (``(P, H, W)`` scores + their class ids) every operation is over the
+P present classes only, so a 21,841-class space costs the same as a 21-class one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+__all__ = [
+    "EStepParams",
+    "adaptive_biases",
+    "e_step",
+    "e_step_present",
+    "em_adapt",
+    "em_fixed",
+]
+
+#: added to the k-th margin so the raised class wins ties (argmax takes the first maximum)
+_TIE_EPS = 1e-4
+
+
+class EStepParams(BaseModel):
+    """Parameters of the E-step (Papandreou et al. 2015 Sec. 3.2 defaults).
+
+    Attributes:
+        mode: ``"fixed"`` (EM-Fixed) or ``"adapt"`` (EM-Adapt).
+        b_fg: EM-Fixed bias added to present foreground classes' scores (score units).
+        b_bg: EM-Fixed bias added to the background score.
+        rho_fg: EM-Adapt minimum fraction of pixels given to present foreground classes, in [0, 1].
+        rho_bg: EM-Adapt minimum fraction of pixels given to the background, in [0, 1].
+        fg_share: ``"total"``: the foreground classes share ``rho_fg`` (``rho_fg / n_fg`` each);
+            ``"per_class"``: each present foreground class gets ``rho_fg`` (DeepLab's layer).
+        num_iter: maximum EM-Adapt sweeps over the present classes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["fixed", "adapt"] = "fixed"
+    b_fg: float = 5.0
+    b_bg: float = 3.0
+    rho_fg: float = Field(0.20, ge=0.0, le=1.0)
+    rho_bg: float = Field(0.40, ge=0.0, le=1.0)
+    fg_share: Literal["total", "per_class"] = "total"
+    num_iter: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _feasible(self) -> "EStepParams":
+        if self.mode == "adapt" and self.fg_share == "total" and self.rho_fg + self.rho_bg > 1.0 + 1e-9:
+            raise ValueError(f"rho_fg + rho_bg must be <= 1, got {self.rho_fg} + {self.rho_bg}")
+        return self
+
+
+def _check_scores(scores: Tensor, present: Tensor) -> None:
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be (N, K, H, W), got shape {tuple(scores.shape)}")
+    n, k = scores.shape[:2]
+    if present.shape != (n, k):
+        raise ValueError(f"present must be (N, K) = ({n}, {k}) bool, got shape {tuple(present.shape)}")
+
+
+def adaptive_biases(
+    scores: Tensor,
+    is_bg: Tensor,
+    rho_fg: float = 0.20,
+    rho_bg: float = 0.40,
+    fg_share: Literal["total", "per_class"] = "total",
+    num_iter: int = 10,
+) -> Tensor:
+    """EM-Adapt biases of ONE image over its present classes (rule in the module docstring).
+
+    Args:
+        scores: (P, S) float scores of the P present classes (background included when present)
+            at S pixels (any device).
+        is_bg: (P,) bool, True for the background row (at most one).
+        rho_fg: minimum fraction of the S pixels for the foreground classes (see ``fg_share``).
+        rho_bg: minimum fraction of the S pixels for the background.
+        fg_share: ``"total"`` (each fg class targets ``rho_fg / n_fg``) or ``"per_class"``.
+        num_iter: maximum sweeps.
+
+    Returns:
+        (P,) float biases (>= 0) on the scores' device; ``argmax(scores + biases[:, None])`` then
+        gives the background >= ceil(rho_bg * S) pixels and each foreground class >= its target
+        (when the targets sum to <= 1; otherwise as close as ``num_iter`` sweeps get).
+
+    Raises:
+        ValueError: on shape mismatch.
+    """
+    if scores.ndim != 2 or is_bg.shape != scores.shape[:1]:
+        raise ValueError(f"scores must be (P, S) and is_bg (P,), got {tuple(scores.shape)}, {tuple(is_bg.shape)}")
+    p, s = scores.shape
+    biases = torch.zeros(p, dtype=scores.dtype, device=scores.device)
+    if p <= 1 or s == 0:
+        return biases
+    is_bg = is_bg.to(torch.bool)
+    n_fg = int((~is_bg).sum())
+    fg_target = rho_fg / max(n_fg, 1) if fg_share == "total" else rho_fg
+    targets = [rho_bg if bool(is_bg[i]) else fg_target for i in range(p)]
+    ks = [min(s, max(0, math.ceil(t * s - 1e-9))) for t in targets]
+    order = sorted(range(p), key=lambda i: (not bool(is_bg[i]), i))  # background first
+    for _ in range(num_iter):
+        changed = False
+        for c in order:
+            k = ks[c]
+            if k == 0:
+                continue
+            biased = scores + biases[:, None]
+            others = torch.cat([biased[:c], biased[c + 1:]], dim=0).amax(dim=0)
+            margin = others - biased[c]                       # > 0 where c loses (or ties later)
+            kth = torch.kthvalue(margin, k).values            # k-th smallest margin
+            if kth >= 0:
+                biases[c] += kth + _TIE_EPS * (1.0 + others.abs().max())
+                changed = True
+        if not changed:
+            break
+        # stop early when every target holds
+        won = torch.bincount((scores + biases[:, None]).argmax(dim=0), minlength=p)
+        if all(int(won[i]) >= ks[i] for i in range(p)):
+            break
+    return biases
+
+
+def e_step(
+    scores: Tensor,
+    present: Tensor,
+    params: EStepParams | None = None,
+    *,
+    background_index: int | None = 0,
+    region: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """The E-step on a batch of score maps over a label space (Papandreou et al. 2015, Alg. 1).
+
+    Args:
+        scores: (N, K, H, W) float class scores (logits or log-probabilities) on any device.
+        present: (N, K) bool (or 0/1) image-level labels z; the background column is treated as
+            present whether set or not (every image has background).
+        params: :class:`EStepParams` (default EM-Fixed, b_fg=5, b_bg=3).
+        background_index: the background channel, or ``None`` for spaces without one (then
+            ``b_bg``/``rho_bg`` are unused).
+        region: optional bool box mask, (N, H, W) ("inside any box") or (N, K, H, W) (inside a box
+            of class k): foreground classes are allowed (and biased) only inside it; pixels outside
+            go to the background (Bbox-EM-Fixed, Sec. 4.2). Requires a background class.
+        ignore_index: label for rows with no present class at all.
+
+    Returns:
+        (N, H, W) int64 labels in 0..K-1 (channel indices), ``ignore_index`` for rows with nothing
+        present. No gradient flows (computed under ``torch.no_grad``).
+
+    Raises:
+        ValueError: on shape mismatches, or ``region`` without a background class.
+    """
+    params = params or EStepParams()
+    _check_scores(scores, present)
+    n, k, h, w = scores.shape
+    with torch.no_grad():
+        pres = present.to(device=scores.device, dtype=torch.bool).clone()
+        if background_index is not None:
+            pres[:, background_index] = True
+        if region is not None:
+            if background_index is None:
+                raise ValueError("region (Bbox-EM-Fixed) needs a label space with a background class")
+            if region.shape not in ((n, h, w), (n, k, h, w)):
+                raise ValueError(f"region must be (N, H, W) or (N, K, H, W), got {tuple(region.shape)}")
+        out = torch.full((n, h, w), ignore_index, dtype=torch.long, device=scores.device)
+        for i in range(n):
+            ids = pres[i].nonzero(as_tuple=True)[0]
+            if ids.numel() == 0:
+                continue
+            bg_pos = None
+            if background_index is not None:
+                bg_pos = int((ids == background_index).nonzero(as_tuple=True)[0][0])
+            reg = None
+            if region is not None:
+                reg = region[i] if region.ndim == 3 else region[i][ids]
+            lab = _e_step_one(scores[i][ids], bg_pos, params, reg)
+            out[i] = ids[lab]
+    return out
+
+
+def _e_step_one(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None) -> Tensor:
+    """E-step of one image on its present channels: (P, H, W) -> (H, W) positions 0..P-1."""
+    p, h, w = scores_p.shape
+    f = scores_p.float()
+    is_bg = torch.zeros(p, dtype=torch.bool, device=f.device)
+    if bg_pos is not None:
+        is_bg[bg_pos] = True
+    if params.mode == "fixed":
+        bias = torch.full((p,), params.b_fg, dtype=f.dtype, device=f.device)
+        if bg_pos is not None:
+            bias[bg_pos] = params.b_bg
+    else:
+        bias = adaptive_biases(f.reshape(p, -1), is_bg, params.rho_fg, params.rho_bg,
+                               params.fg_share, params.num_iter)
+    fhat = f + bias[:, None, None]
+    if region is not None:
+        reg = region.to(device=f.device, dtype=torch.bool)
+        allowed = reg.unsqueeze(0).expand(p, h, w) if reg.ndim == 2 else reg
+        allowed = allowed.clone()
+        allowed[is_bg] = True
+        fhat = fhat.masked_fill(~allowed, float("-inf"))
+    return fhat.argmax(dim=0)
+
+
+def e_step_present(
+    scores: np.ndarray | Tensor,
+    class_ids: np.ndarray | Tensor | list[int],
+    params: EStepParams | None = None,
+    *,
+    background_id: int | None = 0,
+    region: np.ndarray | Tensor | None = None,
+) -> np.ndarray | Tensor:
+    """E-step of one image in the present-labels-only layout (cost O(P), not O(label space)).
+
+    Args:
+        scores: (P, H, W) float scores of the image's present classes (numpy or torch).
+        class_ids: (P,) label-space ids of those rows; must contain ``background_id`` when the
+            space has a background.
+        params: :class:`EStepParams`.
+        background_id: label-space id of the background, or ``None``.
+        region: optional (H, W) or (P, H, W) bool box mask (Bbox-EM-Fixed), as in :func:`e_step`.
+
+    Returns:
+        (H, W) int64 label-space ids, numpy when ``scores`` is numpy, else a tensor.
+
+    Raises:
+        ValueError: on shape mismatch or a missing background row.
+    """
+    is_np = isinstance(scores, np.ndarray)
+    s = torch.from_numpy(np.ascontiguousarray(scores)) if is_np else scores
+    ids = torch.as_tensor(np.asarray(class_ids) if not isinstance(class_ids, Tensor) else class_ids,
+                          dtype=torch.long, device=s.device)
+    if s.ndim != 3 or ids.shape != s.shape[:1]:
+        raise ValueError(f"scores must be (P, H, W) with P = len(class_ids), got {tuple(s.shape)} and {tuple(ids.shape)}")
+    bg_pos = None
+    if background_id is not None:
+        hit = (ids == background_id).nonzero(as_tuple=True)[0]
+        if hit.numel() != 1:
+            raise ValueError(f"class_ids {ids.tolist()} must contain the background id {background_id} exactly once")
+        bg_pos = int(hit[0])
+    reg = None
+    if region is not None:
+        reg = torch.from_numpy(np.asarray(region)) if isinstance(region, np.ndarray) else region
+    with torch.no_grad():
+        lab = ids[_e_step_one(s, bg_pos, params or EStepParams(), reg)]
+    return lab.cpu().numpy() if is_np else lab
+
+
+def em_fixed(scores: Tensor, present: Tensor, b_fg: float = 5.0, b_bg: float = 3.0, **kw) -> Tensor:
+    """EM-Fixed E-step (Sec. 3.2): ``e_step`` with ``mode="fixed"``; see :func:`e_step`."""
+    return e_step(scores, present, EStepParams(mode="fixed", b_fg=b_fg, b_bg=b_bg), **kw)
+
+
+def em_adapt(scores: Tensor, present: Tensor, rho_fg: float = 0.20, rho_bg: float = 0.40, **kw) -> Tensor:
+    """EM-Adapt E-step (Sec. 3.2): ``e_step`` with ``mode="adapt"``; see :func:`e_step`."""
+    return e_step(scores, present, EStepParams(mode="adapt", rho_fg=rho_fg, rho_bg=rho_bg), **kw)
