@@ -5,4 +5,5 @@ from raysemiseg.methods.base import METHODS, Batch, Method, get_method, register
 __all__ = ["METHODS", "Batch", "Method", "get_method", "register"]
 
 # Each method package registers itself on import (one line per method; keep alphabetical).
+import raysemiseg.methods.cam_classifier  # noqa: E402,F401
 import raysemiseg.methods.strong_only  # noqa: E402,F401
