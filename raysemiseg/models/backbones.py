@@ -210,11 +210,12 @@ class VGG16LargeFOV(Backbone):
 
     def __init__(self, output_stride: int = 8, pretrained: bool = True, weights_path: str | None = None) -> None:
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
         self.output_stride = _check_stride("vgg16_largefov", output_stride)
         self.out_channels = 512
-        features = vgg16(weights=None).features
+        sd = _torchvision_weights("vgg16_largefov", weights_path, self.WEIGHTS, self.URL) if pretrained else None
+        features = make_layers(cfgs["D"])  # torchvision VGG16 conv layers, same module indices
         pool_stride = {8: (2, 2, 2, 1, 1), 16: (2, 2, 2, 2, 1), 32: (2, 2, 2, 2, 2)}[self.output_stride]
         conv5_dilation = {8: 2, 16: 1, 32: 1}[self.output_stride]
         pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]  # 4, 9, 16, 23, 30
@@ -223,9 +224,12 @@ class VGG16LargeFOV(Backbone):
         for i in range(pools[3] + 1, pools[4]):
             if isinstance(features[i], nn.Conv2d):
                 features[i].dilation, features[i].padding = (conv5_dilation,) * 2, (conv5_dilation,) * 2
+        for m in features.modules():  # torchvision VGG's own init (used when not pretrained)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         self.features = features
-        if pretrained:
-            sd = _torchvision_weights("vgg16_largefov", weights_path, self.WEIGHTS, self.URL)
+        if sd is not None:
             self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
 
     def forward(self, x: Tensor) -> Tensor:
@@ -249,10 +253,10 @@ class ResNet101(Backbone):
 
         self.output_stride = _check_stride("resnet101", output_stride)
         self.out_channels = 2048
+        sd = _torchvision_weights("resnet101", weights_path, self.WEIGHTS, self.URL) if pretrained else None
         dil = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[self.output_stride]
         net = resnet101(weights=None, replace_stride_with_dilation=dil)
-        if pretrained:
-            sd = _torchvision_weights("resnet101", weights_path, self.WEIGHTS, self.URL)
+        if sd is not None:
             net.load_state_dict(sd)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4

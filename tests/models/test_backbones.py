@@ -1,0 +1,124 @@
+"""Backbones: output shapes/strides/channels, packaged EfficientNet-Lite0 weights, the offline
+weights error, and the LargeFOV head."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from raysemiseg.config import ConfigError, ModelConfig, load_config
+from raysemiseg.models import BACKBONES, LargeFOVHead, MissingWeightsError, build_backbone, normalize
+from raysemiseg.models.backbones import EfficientNetLite0, VGG16LargeFOV, efficientnet_lite0_weights_file
+
+CHANNELS = {"tiny": 32, "efficientnet_lite0": 320, "vgg16_largefov": 512, "resnet101": 2048}
+
+
+def test_registry_names() -> None:
+    assert set(BACKBONES) == set(CHANNELS)
+    with pytest.raises(KeyError, match="valid: \\['efficientnet_lite0', 'resnet101', 'tiny', 'vgg16_largefov'\\]"):
+        build_backbone(ModelConfig.model_construct(backbone="nope", pretrained=False, output_stride=8, weights_path=None))
+    with pytest.raises(ConfigError, match="unknown backbone 'nope'"):
+        load_config({"data": {"store": "s"}, "model": {"backbone": "nope"}})
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("name", sorted(CHANNELS))
+def test_output_shape_and_stride(name: str, output_stride: int) -> None:
+    bb = build_backbone(ModelConfig(backbone=name, pretrained=False, output_stride=output_stride)).eval()
+    assert bb.out_channels == CHANNELS[name] and bb.output_stride == output_stride
+    assert len(bb.mean) == 3 and len(bb.std) == 3
+    h, w = 65, 49
+    with torch.no_grad():
+        y = bb(torch.randn(1, 3, h, w))
+    assert y.shape == (1, CHANNELS[name], math.ceil(h / output_stride), math.ceil(w / output_stride))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0"])
+def test_output_stride_32(name: str) -> None:
+    bb = build_backbone(ModelConfig(backbone=name, pretrained=False, output_stride=32)).eval()
+    with torch.no_grad():
+        assert bb(torch.randn(1, 3, 64, 64)).shape[-2:] == (2, 2)
+
+
+def test_bad_output_stride() -> None:
+    with pytest.raises(ValueError, match="output_stride 4 not supported; valid: \\[8, 16, 32\\]"):
+        VGG16LargeFOV(output_stride=4, pretrained=False)
+
+
+def test_efficientnet_lite0_loads_packaged_imagenet_weights() -> None:
+    path = efficientnet_lite0_weights_file()
+    assert path.name == "efficientnet-lite0-57934424.pth" and path.is_file()
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    bb = build_backbone(ModelConfig(backbone="efficientnet_lite0", pretrained=True, output_stride=8))
+    torch.testing.assert_close(bb._conv_stem.weight, sd["_conv_stem.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(bb._blocks[11]._depthwise_conv.weight, sd["_blocks.11._depthwise_conv.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(bb._blocks[15]._bn2.running_var, sd["_blocks.15._bn2.running_var"], rtol=0, atol=0)
+    # os 8: blocks 5 and 11 keep stride 1; dilation 2 from block 6, 4 from block 12
+    assert list(bb._blocks[5]._depthwise_conv.stride) == [1, 1] and list(bb._blocks[11]._depthwise_conv.stride) == [1, 1]
+    assert [tuple(b._depthwise_conv.dilation)[0] for b in bb._blocks] == [1] * 6 + [2] * 6 + [4] * 4
+    assert list(bb._blocks[3]._depthwise_conv.stride) == [2, 2]
+
+
+def test_efficientnet_dilated_matches_native_network_at_os32() -> None:
+    """At output stride 32 the backbone is exactly the package's network up to its last block."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net.load_state_dict(torch.load(efficientnet_lite0_weights_file(), map_location="cpu", weights_only=True))
+    net.eval()
+    bb = EfficientNetLite0(output_stride=32, pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        ref = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks:
+            ref = block(ref)
+        torch.testing.assert_close(bb(x), ref)
+
+
+@pytest.mark.parametrize("name,filename", [("vgg16_largefov", "vgg16-397923af.pth"), ("resnet101", "resnet101-63fe2227.pth")])
+def test_missing_torchvision_weights_error(name: str, filename: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    with pytest.raises(MissingWeightsError) as e:
+        build_backbone(ModelConfig(backbone=name, pretrained=True))
+    msg = str(e.value)
+    assert filename in msg and str(tmp_path / "torch" / "hub" / "checkpoints") in msg
+    assert "pretrained: false" in msg and "weights_path" in msg and "https://download.pytorch.org/models/" in msg
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        build_backbone(ModelConfig(backbone=name, pretrained=True, weights_path=str(tmp_path / "no.pth")))
+
+
+def test_vgg16_largefov_structure_and_weights_path(tmp_path: Path) -> None:
+    bb = VGG16LargeFOV(output_stride=8, pretrained=False)
+    pools = [m for m in bb.features if isinstance(m, nn.MaxPool2d)]
+    assert [p.stride for p in pools] == [2, 2, 2, 1, 1] and all(p.kernel_size == 3 and p.padding == 1 for p in pools)
+    convs = [m for m in bb.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and [c.dilation[0] for c in convs] == [1] * 10 + [2] * 3
+    # a torchvision-format checkpoint (features.* keys) given by path loads into the trunk
+    src = VGG16LargeFOV(output_stride=8, pretrained=False)
+    path = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in src.features.state_dict().items()}, path)
+    loaded = build_backbone(ModelConfig(backbone="vgg16_largefov", pretrained=True, weights_path=str(path)))
+    torch.testing.assert_close(loaded.features[28].weight, src.features[28].weight, rtol=0, atol=0)
+
+
+def test_normalize() -> None:
+    bb = build_backbone(ModelConfig(backbone="tiny", pretrained=False))
+    x = torch.tensor(bb.mean).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert normalize(x, bb).abs().max() < 1e-6
+
+
+def test_largefov_head() -> None:
+    head = LargeFOVHead(32, 21, hidden=16, dilation=12, dropout=0.5)
+    assert head.fc6.dilation == (12, 12) and head.fc6.padding == (12, 12) and head.fc6.kernel_size == (3, 3)
+    assert head.fc7.kernel_size == (1, 1) and head.fc8.out_channels == 21
+    assert head.fc8.bias.abs().sum() == 0 and head.fc8.weight.std() < 0.02
+    assert head(torch.randn(2, 32, 9, 7)).shape == (2, 21, 9, 7)
+    with pytest.raises(ValueError, match="dropout"):
+        LargeFOVHead(32, 21, dropout=1.0)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        LargeFOVHead(32, 0)
