@@ -1,0 +1,14 @@
+"""L-Net / P-Net (Xiao et al., AAAI 2018): methods ``"lnet"`` and ``"lnet_pnet"``."""
+
+from raysemiseg.methods.lpnet.model import (
+    LNet,
+    LNetMapStage,
+    LNetParams,
+    LNetPNet,
+    LNetPNetParams,
+    PNet,
+    class_agnostic_target,
+    lnet_map,
+)
+
+__all__ = ["LNet", "LNetMapStage", "LNetPNet", "LNetPNetParams", "LNetParams", "PNet", "class_agnostic_target", "lnet_map"]
