@@ -7,8 +7,6 @@ __all__ = ["METHODS", "Batch", "Method", "get_method", "register"]
 # Each method package registers itself on import (one line per method; keep alphabetical).
 import raysemiseg.methods.cam_classifier  # noqa: E402,F401
 import raysemiseg.methods.strong_only  # noqa: E402,F401
-
-# Each method package registers itself on import (one line per method).
 import raysemiseg.methods.decoupled  # noqa: E402,F401  (decoupled)
 import raysemiseg.methods.lpnet  # noqa: E402,F401  (lnet, lnet_pnet)
 import raysemiseg.methods.transfernet  # noqa: E402,F401  (transfernet)
