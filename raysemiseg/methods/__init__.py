@@ -10,3 +10,5 @@ import raysemiseg.methods.strong_only  # noqa: E402,F401
 import raysemiseg.methods.decoupled  # noqa: E402,F401  (decoupled)
 import raysemiseg.methods.lpnet  # noqa: E402,F401  (lnet, lnet_pnet)
 import raysemiseg.methods.transfernet  # noqa: E402,F401  (transfernet)
+import raysemiseg.methods.dual_branch  # noqa: E402,F401  (dual_branch, single_branch_mixed)
+import raysemiseg.methods.wssl  # noqa: E402,F401

@@ -1,0 +1,161 @@
+"""WSSL: weakly- and semi-supervised DeepLab training with online EM (Papandreou et al., ICCV 2015).
+
+Network: any registered backbone + :class:`~raysemiseg.models.heads.LargeFOVHead` (the same
+DeepLab-LargeFOV shape as ``strong_only``). Training is Alg. 1 run online, one mini-batch at a
+time:
+
+* **E-step** (weak rows): the current network's scores, detached and bilinearly upsampled to the
+  crop, go through :func:`raysemiseg.pseudolabel.em.e_step` (the one E-step of the project) with
+  the row's image-level labels: EM-Fixed (``b_fg``, ``b_bg``) or EM-Adapt (``rho_fg``, ``rho_bg``).
+  With ``use_boxes`` the foreground biases act only inside the row's boxes (Bbox-EM-Fixed,
+  Sec. 4.2; ``batch.box_masks``), rows without boxes fall back to the image-level E-step.
+* **M-step**: cross-entropy of the (non-detached) scores against those labels, plus
+  cross-entropy of the strong rows against their pixel masks (semi-supervised, Sec. 3.4: the
+  fixed strong/weak proportion per mini-batch is ``data.strong_fraction`` of the run config).
+
+Target precedence per row (:func:`raysemiseg.methods.wssl.losses.select_targets`):
+strong mask > stored pseudo label (``batch.pseudo``, e.g. a Bbox-Rect or Bbox-Seg label store;
+Sec. 4.2's "Bbox-Rect"/"Bbox-Seg" are trained this way, without any E-step) > online E-step.
+``use_label_store: false`` ignores ``batch.pseudo`` and always runs the E-step on weak rows.
+
+Cross-dataset (Sec. 4.5): ``init_from`` loads a checkpoint trained on another label space and
+replaces its classifier (Cross-Pretrain, see :mod:`raysemiseg.methods.wssl.cross`); Cross-Joint
+is this same method trained on a store whose label space is the union of the two datasets'
+spaces (:func:`raysemiseg.methods.wssl.cross.union_label_space`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from raysemiseg.labels import LabelSpace
+from raysemiseg.methods.base import Batch, MethodParams, register
+from raysemiseg.methods.strong_only.model import StrongOnly, StrongOnlyParams
+from raysemiseg.methods.wssl.losses import (
+    box_regions,
+    has_labels,
+    masked_cross_entropy,
+    select_targets,
+    upsample_to,
+)
+
+
+class WsslParams(StrongOnlyParams):
+    """Knobs of ``wssl`` (paper defaults, Sec. 3.2 and 4).
+
+    Attributes:
+        estep: ``"fixed"`` (EM-Fixed) or ``"adapt"`` (EM-Adapt).
+        b_fg, b_bg: EM-Fixed biases (score units) for present foreground classes / background.
+        rho_fg, rho_bg: EM-Adapt minimum pixel fractions for present foreground / background.
+        use_boxes: Bbox-EM-Fixed: foreground biases only inside the row's boxes.
+        weak_weight: weight of the weak rows' cross-entropy relative to the strong rows'.
+        use_label_store: train weak rows that have a stored pseudo label on it (skip the E-step).
+        init_from: Cross-Pretrain checkpoint (file or Ray checkpoint directory); its classifier
+            is replaced, everything else is loaded.
+        head_hidden, head_dropout, head_dilation: the LargeFOV head (as ``strong_only``).
+    """
+
+    estep: Literal["fixed", "adapt"] = "fixed"
+    b_fg: float = 5.0
+    b_bg: float = 3.0
+    rho_fg: float = Field(0.20, ge=0.0, le=1.0)
+    rho_bg: float = Field(0.40, ge=0.0, le=1.0)
+    use_boxes: bool = False
+    weak_weight: float = Field(1.0, ge=0.0)
+    use_label_store: bool = True
+    init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "WsslParams":
+        if self.estep == "adapt" and self.rho_fg + self.rho_bg > 1.0 + 1e-9:
+            raise ValueError(f"rho_fg + rho_bg must be <= 1, got {self.rho_fg} + {self.rho_bg}")
+        if self.use_boxes and self.estep != "fixed":
+            raise ValueError("use_boxes (Bbox-EM-Fixed) requires estep='fixed'")
+        return self
+
+    def estep_params(self):
+        """The matching :class:`raysemiseg.pseudolabel.em.EStepParams`."""
+        from raysemiseg.pseudolabel.em import EStepParams
+
+        return EStepParams(mode=self.estep, b_fg=self.b_fg, b_bg=self.b_bg,
+                           rho_fg=self.rho_fg, rho_bg=self.rho_bg)
+
+
+@register
+class WsslEM(StrongOnly):
+    """``wssl``: DeepLab-LargeFOV trained with online EM on weak rows + CE on strong rows.
+
+    Args:
+        label_space: the run's label space (K classes).
+        model: :class:`raysemiseg.config.ModelConfig`.
+        params: :class:`WsslParams`.
+
+    Raises:
+        FileNotFoundError / ValueError: from Cross-Pretrain loading (``init_from``).
+    """
+
+    name: ClassVar[str] = "wssl"
+    Params: ClassVar[type[MethodParams]] = WsslParams
+    uses: ClassVar[tuple[str, ...]] = ("pixel", "box", "image")
+
+    def __init__(self, label_space: LabelSpace, model: Any, params: WsslParams | None = None) -> None:
+        super().__init__(label_space, model, params)  # backbone + LargeFOVHead (strong_only's network)
+        self._estep = self.params.estep_params()
+        if self.params.init_from:
+            from raysemiseg.methods.wssl.cross import load_cross_pretrain
+
+            load_cross_pretrain(self, self.params.init_from)
+
+    def e_step(self, logits: Tensor, batch: Batch, rows: Tensor) -> Tensor:
+        """Online E-step (Alg. 1) for ``rows`` of the batch.
+
+        Args:
+            logits: (N, K, H, W) scores at label resolution (detached here).
+            batch: the mini-batch (image labels, box masks).
+            rows: (N,) bool rows to label.
+
+        Returns:
+            (N, H, W) int64 labels; ``ignore_index`` outside ``rows``.
+        """
+        from raysemiseg.pseudolabel.em import e_step
+
+        n, _, h, w = logits.shape
+        out = torch.full((n, h, w), self.ignore_index, dtype=torch.long, device=logits.device)
+        if not bool(rows.any()):
+            return out
+        region = None
+        if self.params.use_boxes and batch.box_masks is not None:
+            region = box_regions(batch.box_masks[rows], self.num_classes, self.ignore_index,
+                                 self.label_space.background_id)
+        out[rows] = e_step(logits[rows].detach(), batch.image_labels[rows] > 0.5, self._estep,
+                           background_index=self.label_space.background_id, region=region,
+                           ignore_index=self.ignore_index)
+        return out
+
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"strong_ce", "weak_ce"}``: CE on strong rows' masks and (times ``weak_weight``) CE on
+        weak rows' stored pseudo labels or online E-step labels (precedence in the module doc)."""
+        size = tuple(batch.masks.shape[-2:])
+        logits = upsample_to(self.logits(batch.images), size)
+        strong = batch.is_strong.to(torch.bool)
+        needs_estep = ~strong
+        if self.params.use_label_store:
+            needs_estep = needs_estep & ~has_labels(batch.pseudo, self.ignore_index)
+        est = self.e_step(logits, batch, needs_estep)
+        targets, _ = select_targets(batch.masks, batch.pseudo, strong, est, self.ignore_index,
+                                         self.params.use_label_store)
+        weak_t = targets.clone()
+        weak_t[strong] = self.ignore_index
+        strong_t = targets.clone()
+        strong_t[~strong] = self.ignore_index
+        return {
+            "strong_ce": masked_cross_entropy(logits, strong_t, self.ignore_index),
+            "weak_ce": self.params.weak_weight * masked_cross_entropy(logits, weak_t, self.ignore_index),
+        }
+
+
+__all__ = ["WsslEM", "WsslParams"]

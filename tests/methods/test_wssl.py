@@ -1,0 +1,200 @@
+"""WSSL (Papandreou et al. 2015): online E-step through the method, target precedence, M-step loss,
+Bbox-EM-Fixed, Cross-Pretrain and the Cross-Joint union label space. Hand-checked small cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raysemiseg.config import ModelConfig, load_config
+from raysemiseg.labels import builtin
+from raysemiseg.methods import Batch, get_method
+from raysemiseg.methods.wssl import WsslParams, load_cross_pretrain, union_label_space, write_label_space_yaml
+from raysemiseg.methods.wssl.losses import (
+    SOURCE_ESTEP,
+    SOURCE_PSEUDO,
+    SOURCE_STRONG,
+    box_regions,
+    masked_cross_entropy,
+    select_targets,
+)
+from raysemiseg.pseudolabel.em import EStepParams, e_step
+
+TINY = ModelConfig(backbone="tiny", pretrained=False, output_stride=8)
+VOC = builtin("voc21")
+IG = 255
+
+
+def make_wssl(space=VOC, **params):
+    params = {"head_hidden": 16, "head_dropout": 0.0, **params}
+    return get_method("wssl")(space, TINY, WsslParams(**params))
+
+
+def make_batch(n_strong: int, n_weak: int, k: int = 21, size: int = 32, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    n = n_strong + n_weak
+    masks = torch.full((n, size, size), IG, dtype=torch.long)
+    masks[:n_strong] = torch.randint(0, 3, (n_strong, size, size), generator=g)
+    labels = torch.zeros(n, k)
+    labels[:, 0] = 1
+    labels[:, 7] = 1
+    return Batch(
+        images=torch.randn(n, 3, size, size, generator=g),
+        masks=masks,
+        pseudo=torch.full((n, size, size), IG, dtype=torch.long),
+        image_labels=labels,
+        is_strong=torch.arange(n) < n_strong,
+    )
+
+
+def ramp_scores(k: int, h: int, w: int, fg: int) -> torch.Tensor:
+    """Background score 0 everywhere; class ``fg`` score = -(pixel index) / S * 10 (so the
+    foreground is always below the background, by a margin that grows along raster order);
+    every other class (absent) scores +100 so that suppression of absent classes is visible."""
+    s = torch.full((1, k, h, w), 100.0)
+    s[0, 0] = 0.0
+    s[0, fg] = -torch.arange(h * w, dtype=torch.float32).view(h, w) / (h * w) * 10.0
+    return s
+
+
+def test_masked_cross_entropy_hand_checked():
+    logits = torch.zeros(1, 4, 2, 2, requires_grad=True)          # uniform over 4 classes
+    target = torch.tensor([[[0, 1], [IG, 3]]])
+    loss = masked_cross_entropy(logits, target, IG)
+    assert loss.item() == pytest.approx(math.log(4))               # mean over the 3 valid pixels
+    empty = masked_cross_entropy(logits, torch.full_like(target, IG), IG)
+    assert empty.item() == 0.0
+    empty.backward()                                              # connected, zero gradient
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_em_adapt_biases_reach_rho_targets_through_method():
+    """EM-Adapt (Sec. 3.2): on a map where background wins every pixel, the E-step run by the
+    method gives the present foreground class exactly ceil(rho_fg * S) pixels (the ones with the
+    smallest margin, the start of the ramp), background the rest (>= rho_bg); absent classes,
+    though scoring highest, get none."""
+    m = make_wssl(estep="adapt", rho_fg=0.2, rho_bg=0.4)
+    h = w = 10
+    s = ramp_scores(21, h, w, fg=7)
+    batch = make_batch(0, 1, size=h)
+    labels = m.e_step(s, batch, torch.tensor([True]))[0]
+    assert set(labels.unique().tolist()) == {0, 7}
+    fg = labels == 7
+    assert int(fg.sum()) == math.ceil(0.2 * h * w) == 20
+    assert fg.flatten()[:20].all()                        # the 20 smallest margins
+    assert float((labels == 0).float().mean()) >= 0.4
+    # the opposite map: foreground wins everywhere -> background is raised to >= 40 %
+    s2 = ramp_scores(21, h, w, fg=7)
+    s2[0, 0], s2[0, 7] = s[0, 7], torch.zeros(h, w)
+    lab2 = m.e_step(s2, batch, torch.tensor([True]))[0]
+    assert float((lab2 == 0).float().mean()) >= 0.4 and float((lab2 == 7).float().mean()) >= 0.2
+    # EM-Fixed on the first map: fg wins where s_fg + 5 > 0 + 3, i.e. -10 i / S > -2 -> i < 20
+    mf = make_wssl(estep="fixed", b_fg=5, b_bg=3)
+    lab3 = mf.e_step(s, batch, torch.tensor([True]))[0].flatten()
+    assert (lab3[:20] == 7).all() and (lab3[20:] == 0).all()
+
+
+def test_bbox_em_fixed_biases_only_inside_boxes():
+    m = make_wssl(estep="fixed", use_boxes=True)
+    h = w = 8
+    s = torch.zeros(1, 21, h, w)
+    s[0, 7] = -1.0                          # with b_fg=5, b_bg=3 class 7 would win everywhere
+    batch = make_batch(0, 1, size=h)
+    batch.box_masks = torch.zeros(1, h, w, dtype=torch.long)
+    batch.box_masks[0, 2:5, 3:7] = 7
+    lab = m.e_step(s, batch, torch.tensor([True]))[0]
+    assert (lab[2:5, 3:7] == 7).all()
+    lab[2:5, 3:7] = 0
+    assert (lab == 0).all()
+    # a row without boxes falls back to the image-level E-step (class 7 everywhere)
+    batch.box_masks[:] = IG
+    assert (m.e_step(s, batch, torch.tensor([True]))[0] == 7).all()
+    region = box_regions(torch.tensor([[[0, 7], [IG, IG]]]), 21)
+    assert region.shape == (1, 21, 2, 2) and region[0, 0].all() and region[0, 7].tolist() == [[False, True], [False, False]]
+
+
+def test_select_targets_precedence():
+    masks = torch.tensor([[[1, 2]], [[IG, IG]], [[IG, IG]]])
+    pseudo = torch.tensor([[[5, 5]], [[3, IG]], [[IG, IG]]])
+    est = torch.tensor([[[9, 9]], [[9, 9]], [[4, 0]]])
+    strong = torch.tensor([True, False, False])
+    t, src = select_targets(masks, pseudo, strong, est, IG)
+    assert t.tolist() == [[[1, 2]], [[3, IG]], [[4, 0]]]
+    assert src.tolist() == [SOURCE_STRONG, SOURCE_PSEUDO, SOURCE_ESTEP]
+    t2, src2 = select_targets(masks, pseudo, strong, est, IG, use_label_store=False)
+    assert t2[1].tolist() == [[9, 9]] and src2[1] == SOURCE_ESTEP
+
+
+def test_compute_losses_is_ce_against_estep_on_current_scores():
+    torch.manual_seed(0)
+    m = make_wssl(estep="fixed").eval()        # eval: BatchNorm uses running stats -> deterministic
+    batch = make_batch(2, 2)
+    batch.pseudo[3, :4] = 5                   # row 3 has a stored pseudo label -> no E-step
+    losses = m.compute_losses(batch)
+    assert set(losses) == {"strong_ce", "weak_ce"}
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(m.logits(batch.images), size=(32, 32), mode="bilinear",
+                                                 align_corners=False)
+        est = e_step(logits, batch.image_labels > 0.5, EStepParams(mode="fixed"))
+        weak_t = torch.full_like(batch.masks, IG)
+        weak_t[2] = est[2]
+        weak_t[3] = batch.pseudo[3]
+        strong_t = batch.masks.clone()
+        strong_t[2:] = IG
+        assert losses["weak_ce"].item() == pytest.approx(masked_cross_entropy(logits, weak_t).item(), rel=1e-5)
+        assert losses["strong_ce"].item() == pytest.approx(masked_cross_entropy(logits, strong_t).item(), rel=1e-5)
+    # the E-step labels are targets (no gradient through them); the loss has one
+    m.train()
+    total = sum(m.compute_losses(batch).values())
+    total.backward()
+    assert m.head.fc8.weight.grad is not None and float(m.head.fc8.weight.grad.abs().sum()) > 0
+
+
+def test_params_validation():
+    with pytest.raises(ValueError):
+        WsslParams(estep="adapt", rho_fg=0.7, rho_bg=0.5)
+    with pytest.raises(ValueError):
+        WsslParams(estep="adapt", use_boxes=True)
+    with pytest.raises(ValueError):
+        WsslParams(b_fgg=1)
+
+
+def test_cross_pretrain_replaces_classifier(tmp_path):
+    torch.manual_seed(0)
+    src = make_wssl(space=builtin("coco80"))
+    path = tmp_path / "coco.pt"
+    torch.save({"model": src.state_dict()}, path)
+    dst = make_wssl(space=VOC, init_from=str(path))
+    for name, t in dst.backbone.state_dict().items():
+        assert torch.equal(t, src.backbone.state_dict()[name]), name
+    assert torch.equal(dst.head.fc7.weight, src.head.fc7.weight)
+    assert dst.head.fc8.weight.shape[0] == 21
+    # same-size space: the classifier is still replaced (fresh), not copied
+    same = make_wssl(space=builtin("coco80"))
+    report = load_cross_pretrain(same, path)
+    assert report["replaced"] == ["head.fc8.bias", "head.fc8.weight"]
+    assert not torch.equal(same.head.fc8.weight, src.head.fc8.weight)
+    assert torch.equal(same.head.fc6.weight, src.head.fc6.weight)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_wssl(init_from=str(tmp_path / "missing.pt"))
+
+
+def test_cross_joint_union_label_space(tmp_path):
+    coco, voc = builtin("coco80"), builtin("voc21")
+    union = union_label_space(coco, voc)
+    assert union.names[:21] == voc.names                     # VOC ids kept
+    assert union.num_classes == 21 + 60                      # + the 60 non-VOC COCO classes
+    lut = coco.mapping_to(union)
+    assert lut[coco.index("airplane")] == voc.index("aeroplane")
+    assert lut[coco.index("person")] == voc.index("person")
+    assert lut[coco.index("truck")] == union.index("truck") >= 21
+    # every COCO class has its own id in the union (no class falls to background)
+    assert len(set(lut[1:81].tolist())) == 80 and 0 not in lut[1:81]
+    assert np.array_equal(voc.mapping_to(union)[:21], np.arange(21))
+    p = write_label_space_yaml(union, tmp_path / "voc_coco.yaml")
+    cfg = load_config({"label_space": str(p), "data": {"store": "x"}, "model": {"backbone": "tiny"},
+                       "method": {"name": "wssl"}})
+    assert cfg.label_space == str(p)
