@@ -33,3 +33,26 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_store(ray_session, tmp_path_factory):
+    """The bundled COCO sample (318 images, <= 320 px) built once into a VOC-21 image store.
+
+    Returns the store folder (a ``Path``); open it with ``raysemiseg.data.store.open_store``.
+    """
+    from raysemiseg.data.sample import sample_sources
+    from raysemiseg.data.store import Source, build_store
+
+    out = tmp_path_factory.mktemp("sample_store") / "store"
+    build_store([Source("coco", (str(a), str(i))) for a, i in sample_sources()], "voc21", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_split(sample_store):
+    """C3S split-set 1 of ``sample_store`` (seed 0, mixed images weak), as a split-file Path."""
+    from raysemiseg.data.splits import SplitSpec, make_split, write_split
+
+    return write_split(make_split(sample_store, SplitSpec("c3s", split_set=1)),
+                       sample_store.parent / "splits" / "c3s-1.parquet")

@@ -1,0 +1,476 @@
+"""The Parquet image store: one validated row per image, written through Ray Data.
+
+Layout (fixed, see ``schema.py``)::
+
+    STORE/images/part-00000.parquet ...   IMAGE_STORE_SCHEMA, rows in build order
+    STORE/quarantine/part-00000.parquet   QUARANTINE_SCHEMA, rows that failed validation
+    STORE/store.json                      schema_version, label_space, sources, counts
+
+Build (:func:`build_store`):
+
+1. the readers list one *record* per source item on the driver (paths + annotations, no pixels);
+   records are ordered by source (in the given order) then by image id, and get a sequence
+   number; a record whose ``image_id`` was already listed is quarantined as a duplicate here;
+2. ``ray.data.from_items(records)`` -> ``map_batches(_BuildRows)``: each worker fully decodes
+   the image, builds the mask in the target label space, validates (missing or corrupt file,
+   mask size, class ids, empty image-level label set) and encodes the row, or returns the
+   quarantine reason;
+3. duplicates by content: a row whose image file bytes (SHA-256) equal those of an earlier row
+   is quarantined as ``"duplicate: ... identical image bytes to <first image_id>"`` (first wins);
+4. kept rows -> ``write_parquet`` with deterministic file names (``part-<task:05>.parquet``) and
+   ``preserve_order``; quarantine rows -> one Parquet file. The store folder's ``images/`` and
+   ``quarantine/`` are replaced on rebuild, so a rerun over the same inputs gives the same rows
+   and files.
+
+Invariant, checked before ``store.json`` is written: rows read = rows written + rows quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysemiseg.data.schema import (
+    IMAGE_STORE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    STORE_SCHEMA_VERSION,
+    encode_mask,
+)
+from raysemiseg.data.validate import RowError, load_image, reason_category
+from raysemiseg.labels import LabelSpace, load_label_space
+
+#: columns added to the image-row schema while building (dropped before writing)
+_EXTRA = [("seq", pa.int64()), ("sha256", pa.string()), ("q_path", pa.string()),
+          ("q_stage", pa.string()), ("q_reason", pa.string())]
+_BUILD_SCHEMA = pa.schema(list(IMAGE_STORE_SCHEMA) + [pa.field(n, t) for n, t in _EXTRA])
+
+ROWS_PER_FILE = 64
+
+
+# ------------------------------------------------------------------------------------------
+# label spaces in store.json
+def space_to_manifest(space: LabelSpace) -> dict[str, Any]:
+    """``LabelSpace.to_dict()`` plus its ``name`` (the form kept in ``store.json``)."""
+    return {"name": space.name, **space.to_dict()}
+
+
+def space_from_manifest(d: dict[str, Any]) -> LabelSpace:
+    """Inverse of :func:`space_to_manifest`."""
+    return LabelSpace(name=d["name"], names=tuple(d["names"]), palette=np.asarray(d["palette"]),
+                      ignore_index=int(d.get("ignore_index", 255)), background=d.get("background"))
+
+
+# ------------------------------------------------------------------------------------------
+# sources
+@dataclass(frozen=True)
+class Source:
+    """One input of a build.
+
+    Attributes:
+        kind: ``"coco"`` (``paths = (annotations_json, images_dir)``), ``"voc"`` (``(root,)``),
+            or ``"folders"`` (``(root_or_csv,)``).
+        paths: see ``kind``.
+        options: reader keyword options (e.g. ``{"lists": ["train", "val"]}`` for VOC).
+    """
+
+    kind: str
+    paths: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "paths": list(self.paths), "options": dict(self.options)}
+
+
+def list_records(source: Source, space: LabelSpace) -> list[dict[str, Any]]:
+    """The build records of one source (see the readers' ``read_*_records``).
+
+    Raises:
+        ValueError: unknown source kind.
+    """
+    if source.kind == "coco":
+        from raysemiseg.data.coco import coco_source, read_coco_records
+
+        return read_coco_records(coco_source(*source.paths), space)
+    if source.kind == "voc":
+        from raysemiseg.data.voc import read_voc_records
+
+        return read_voc_records(source.paths[0], space, **source.options)
+    if source.kind == "folders":
+        from raysemiseg.data.folders import read_folder_records
+
+        return read_folder_records(source.paths[0], space, **source.options)
+    raise ValueError(f"unknown source kind {source.kind!r}; valid: coco, voc, folders")
+
+
+def _row_content(record: dict[str, Any], height: int, width: int, space: LabelSpace
+                 ) -> tuple[np.ndarray | None, list[int], list[dict[str, float]]]:
+    kind = record["kind"]
+    if kind == "coco":
+        from raysemiseg.data.coco import coco_row
+
+        return coco_row(record, height, width, space)
+    if kind == "voc":
+        from raysemiseg.data.voc import voc_row
+
+        return voc_row(record, height, width, space)
+    if kind == "folders":
+        from raysemiseg.data.folders import folder_row
+
+        return folder_row(record, height, width, space)
+    raise ValueError(f"unknown record kind {kind!r}")
+
+
+def build_row(record: dict[str, Any], space: LabelSpace) -> dict[str, Any]:
+    """Validate and encode one record into a build row (``_BUILD_SCHEMA`` as a dict).
+
+    Never raises for bad data: the problem goes to ``q_reason`` (empty when the row is good).
+    """
+    row: dict[str, Any] = {k: record[k] for k in ("image_id", "source", "split", "supervision")}
+    row.update(seq=record["seq"], image=None, image_format=None, mask=None, labels=[], boxes=[],
+               height=None, width=None, sha256=None, q_path=record.get("image_path", ""), q_stage="",
+               q_reason="")
+    if record.get("q_reason"):
+        row.update(q_reason=record["q_reason"], q_path=record.get("image_path", ""), q_stage="read")
+        return row
+    try:
+        data, fmt, h, w, sha = load_image(record["image_path"])
+        mask, labels, boxes = _row_content(record, h, w, space)
+        if mask is not None:
+            from raysemiseg.data.validate import check_mask
+
+            check_mask(mask, h, w, space, record.get("mask_path") or None)
+        if record["supervision"] == "image" and not labels:
+            raise RowError(f"empty label set: image-level row {record['image_id']} has no labels in "
+                           f"label space {space.name!r}; label it or remove it", record["image_path"])
+        row.update(image=data, image_format=fmt, height=h, width=w, sha256=sha,
+                   mask=None if mask is None else encode_mask(mask),
+                   labels=[int(x) for x in labels],
+                   boxes=[{k: (int(b[k]) if k == "class_id" else float(b[k]))
+                           for k in ("class_id", "x0", "y0", "x1", "y1")} for b in boxes])
+    except RowError as e:
+        row.update(q_reason=e.reason, q_path=e.path or record.get("image_path", ""), q_stage="validate")
+    return row
+
+
+def _build_rows(batch: pa.Table, space: dict[str, Any]) -> pa.Table:
+    """Ray Data batch function: records (pyarrow) -> build rows (``_BUILD_SCHEMA``)."""
+    ls = space_from_manifest(space)
+    rows = [build_row(r, ls) for r in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=_BUILD_SCHEMA)
+
+
+def _select_kept(batch: pa.Table, dups: dict[int, str]) -> pa.Table:
+    seq = batch.column("seq").to_numpy()
+    keep = pa.array([(r == "" and int(s) not in dups) for r, s in
+                     zip(batch.column("q_reason").to_pylist(), seq)])
+    return batch.filter(keep).select(IMAGE_STORE_SCHEMA.names).cast(IMAGE_STORE_SCHEMA)
+
+
+class _PartNames:
+    """Deterministic Parquet file names ``part-<task:05>.parquet`` (see Ray's FilenameProvider)."""
+
+    def __new__(cls):  # built lazily so importing this module does not import ray.data
+        from ray.data.datasource import FilenameProvider
+
+        class PartNames(FilenameProvider):
+            def __init__(self) -> None:
+                super().__init__(file_format="parquet")
+
+            def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+                return f"part-{task_index:05d}.parquet"
+
+        return PartNames()
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildResult:
+    """What :func:`build_store` did: counts and wall time in seconds (Ray start-up excluded)."""
+
+    path: Path
+    read: int
+    written: int
+    quarantined: int
+    seconds: float
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        extra = {p.name for p in out.iterdir()} - {"images", "quarantine", "store.json", "splits"}
+        if extra and not (out / "store.json").exists():
+            raise ValueError(f"--out {out} is a non-empty folder that is not an image store "
+                             f"(holds {sorted(extra)[:5]}); choose an empty or new folder")
+        for sub in ("images", "quarantine"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "store.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_store(sources: Sequence[Source], label_space: LabelSpace | str, out: str | Path,
+                rows_per_file: int = ROWS_PER_FILE, progress: bool = True) -> BuildResult:
+    """Build (or rebuild, replacing) the image store ``out`` from ``sources``.
+
+    Args:
+        sources: inputs in priority order (an image found twice keeps its first occurrence).
+        label_space: the target space (a ``LabelSpace``, a built-in name or a YAML path).
+        out: store folder; created, or replaced if it already holds a store.
+        rows_per_file: rows per Parquet file (and per Ray Data block).
+        progress: show tqdm bars on the driver.
+
+    Returns:
+        :class:`BuildResult` with rows read/written/quarantined.
+
+    Raises:
+        ValueError: no sources, ``out`` is a non-store folder, or the count invariant fails.
+        FileNotFoundError: a source path does not exist (from the readers).
+    """
+    import ray
+    from ray.data import DataContext
+    from tqdm import tqdm
+
+    space = load_label_space(label_space) if not isinstance(label_space, LabelSpace) else label_space
+    if not sources:
+        raise ValueError("no sources given; pass --coco, --voc, --folders or --sample")
+    out = Path(out)
+    records: list[dict[str, Any]] = []
+    per_source: list[dict[str, Any]] = []
+    for src in tqdm(sources, desc="list sources", unit="src", disable=not progress):
+        recs = list_records(src, space)
+        per_source.append({**src.to_dict(), "rows_read": len(recs)})
+        records.extend(recs)
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records):
+        r["seq"] = i
+        first = seen.setdefault(r["image_id"], i)
+        r["q_reason"] = "" if first == i else (
+            f"duplicate: image_id {r['image_id']} listed again (by {r['source']}); the first "
+            f"occurrence (from {records[first]['source']}) is kept")
+        for k in ("mask_path", "payload"):
+            r.setdefault(k, "")
+    _prepare_out(out)
+    ctx = DataContext.get_current()
+    old_order, old_bars = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = progress
+    try:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _node_ip_address="127.0.0.1")
+        t0 = time.perf_counter()  # build time, Ray start-up excluded
+        n_blocks = max(1, math.ceil(len(records) / rows_per_file))
+        built = (ray.data.from_items(records, override_num_blocks=n_blocks)
+                 .map_batches(_build_rows, fn_kwargs={"space": space_to_manifest(space)},
+                              batch_format="pyarrow", batch_size=None)
+                 .materialize())
+        meta = built.select_columns(["seq", "image_id", "sha256", "q_reason", "q_path", "q_stage",
+                                     "source"]).to_arrow_refs()
+        meta_t = pa.concat_tables(ray.get(meta)).sort_by("seq")
+        dups: dict[int, str] = {}
+        first_by_sha: dict[str, str] = {}
+        for s, iid, sha, reason in zip(*(meta_t.column(c).to_pylist() for c in ("seq", "image_id", "sha256", "q_reason"))):
+            if reason or sha is None:
+                continue
+            if sha in first_by_sha:  # first wins; the later copy is quarantined
+                dups[s] = (f"duplicate: {iid} has identical image bytes to {first_by_sha[sha]} "
+                           f"(sha256 {sha[:12]}); the first is kept")
+            else:
+                first_by_sha[sha] = iid
+        kept = built.map_batches(_select_kept, fn_kwargs={"dups": dups}, batch_format="pyarrow",
+                                 batch_size=None)
+        kept.write_parquet(str(out / "images"), filename_provider=_PartNames(),
+                           mode=ray.data.SaveMode.OVERWRITE)
+    finally:
+        ctx.execution_options.preserve_order = old_order
+        ctx.enable_progress_bars = old_bars
+    q_rows = []
+    for row in meta_t.to_pylist():
+        reason = row["q_reason"] or dups.get(row["seq"], "")
+        if reason:
+            q_rows.append({"image_id": row["image_id"], "source": row["source"],
+                           "path": row["q_path"] or "", "stage": row["q_stage"] or "validate",
+                           "reason": reason})
+    (out / "quarantine").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(q_rows, schema=QUARANTINE_SCHEMA),
+                   out / "quarantine" / "part-00000.parquet")
+    written = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted((out / "images").glob("*.parquet")))
+    read, quarantined = len(records), len(q_rows)
+    if read != written + quarantined:
+        raise ValueError(f"store {out}: rows read {read} != written {written} + quarantined {quarantined}")
+    manifest = {
+        "schema_version": STORE_SCHEMA_VERSION,
+        "label_space": space_to_manifest(space),
+        "sources": per_source,
+        "counts": {"read": read, "written": written, "quarantined": quarantined},
+    }
+    (out / "store.json").write_text(json.dumps(manifest, indent=1))
+    return BuildResult(out, read, written, quarantined, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------
+class ImageStore:
+    """A built image store (read side).
+
+    Attributes:
+        path: the store folder.
+        manifest: the parsed ``store.json``.
+        label_space: the store's :class:`LabelSpace` (mask ids and ``labels`` refer to it).
+        images_dir: ``path / "images"`` (Parquet files, ``IMAGE_STORE_SCHEMA``).
+        quarantine_dir: ``path / "quarantine"``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        mf = self.path / "store.json"
+        if not mf.is_file():
+            raise FileNotFoundError(f"{self.path} is not an image store (no store.json); build one with "
+                                    f"`raysemiseg data build ... --out {self.path}`")
+        self.manifest: dict[str, Any] = json.loads(mf.read_text())
+        if self.manifest.get("schema_version") != STORE_SCHEMA_VERSION:
+            raise ValueError(f"{mf}: schema_version {self.manifest.get('schema_version')} != "
+                             f"{STORE_SCHEMA_VERSION}; rebuild the store")
+        self.label_space: LabelSpace = space_from_manifest(self.manifest["label_space"])
+        self.images_dir = self.path / "images"
+        self.quarantine_dir = self.path / "quarantine"
+
+    @property
+    def files(self) -> list[Path]:
+        """The image Parquet files in row order."""
+        return sorted(self.images_dir.glob("*.parquet"))
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["written"])
+
+    def read_table(self, columns: Sequence[str] | None = None,
+                   filter_split: str | Iterable[str] | None = None) -> pa.Table:
+        """All rows (in store order) as one table.
+
+        Args:
+            columns: subset of ``IMAGE_STORE_SCHEMA`` names (default all).
+            filter_split: keep rows whose ``split`` equals this value (or is in these values).
+        """
+        cols = list(columns) if columns is not None else None
+        read_cols = cols if cols is None or filter_split is None or "split" in cols else cols + ["split"]
+        parts = [pq.read_table(p, columns=read_cols, schema=IMAGE_STORE_SCHEMA) for p in self.files]
+        t = pa.concat_tables(parts) if parts else IMAGE_STORE_SCHEMA.empty_table().select(read_cols or IMAGE_STORE_SCHEMA.names)
+        if filter_split is not None:
+            want = {filter_split} if isinstance(filter_split, str) else set(filter_split)
+            t = t.filter(pa.array([s in want for s in t.column("split").to_pylist()], type=pa.bool_()))
+            if cols is not None:
+                t = t.select(cols)
+        return t
+
+    def read_quarantine(self) -> pa.Table:
+        """The quarantine table (``QUARANTINE_SCHEMA``)."""
+        parts = [pq.read_table(p, schema=QUARANTINE_SCHEMA) for p in sorted(self.quarantine_dir.glob("*.parquet"))]
+        return pa.concat_tables(parts) if parts else QUARANTINE_SCHEMA.empty_table()
+
+    def dataset(self, columns: Sequence[str] | None = None, filter_split: str | Iterable[str] | None = None):
+        """The rows as a ``ray.data.Dataset`` (one block per file, store order).
+
+        ``filter_split`` keeps rows whose split is this value (or in these values).
+        """
+        import ray
+
+        ds = ray.data.read_parquet([str(p) for p in self.files])
+        cols = list(columns) if columns is not None else None
+        if filter_split is not None:
+            want = sorted({filter_split} if isinstance(filter_split, str) else set(filter_split))
+            if cols is not None:
+                ds = ds.select_columns(sorted(set(cols) | {"split"}))
+            ds = ds.map_batches(_keep_splits, fn_kwargs={"want": want}, batch_format="pyarrow", batch_size=None)
+        if cols is not None:
+            ds = ds.select_columns(cols)
+        return ds
+
+
+def _keep_splits(batch: pa.Table, want: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("split"), value_set=pa.array(want, type=pa.string())))
+
+
+def open_store(path: str | Path) -> ImageStore:
+    """Open a built image store (see :class:`ImageStore`).
+
+    Raises:
+        FileNotFoundError: no ``store.json`` in ``path``.
+        ValueError: the store was written with another schema version.
+    """
+    return ImageStore(path)
+
+
+# ------------------------------------------------------------------------------------------
+def summarize(store: ImageStore) -> dict[str, Any]:
+    """Counts for ``raysemiseg data summary``.
+
+    Returns:
+        dict with ``counts`` (read/written/quarantined), ``splits`` {split: n},
+        ``supervision`` {kind: n}, ``split_supervision`` {split: {kind: n}}, ``class_images``
+        {class name: number of images whose image-level labels hold it} (every non-background
+        class of the space, zero included), ``quarantine`` {reason category: n}.
+    """
+    t = store.read_table(columns=["split", "supervision", "labels"])
+    space = store.label_space
+    splits: dict[str, int] = {}
+    sup: dict[str, int] = {}
+    split_sup: dict[str, dict[str, int]] = {}
+    for s, k in zip(t.column("split").to_pylist(), t.column("supervision").to_pylist()):
+        splits[s] = splits.get(s, 0) + 1
+        sup[k] = sup.get(k, 0) + 1
+        split_sup.setdefault(s, {})[k] = split_sup.setdefault(s, {}).get(k, 0) + 1
+    counts = np.zeros(space.num_classes, dtype=np.int64)
+    for labels in t.column("labels").to_pylist():
+        if labels:
+            counts[np.unique(np.asarray(labels, dtype=np.int64))] += 1
+    q = store.read_quarantine()
+    qc: dict[str, int] = {}
+    for r in q.column("reason").to_pylist():
+        c = reason_category(r)
+        qc[c] = qc.get(c, 0) + 1
+    return {
+        "counts": dict(store.manifest["counts"]),
+        "splits": dict(sorted(splits.items())),
+        "supervision": dict(sorted(sup.items())),
+        "split_supervision": {k: dict(sorted(v.items())) for k, v in sorted(split_sup.items())},
+        "class_images": {space.names[i]: int(counts[i]) for i in space.foreground_ids},
+        "quarantine": dict(sorted(qc.items())),
+    }
+
+
+def format_summary(store: ImageStore, summary: dict[str, Any] | None = None, max_classes: int = 200) -> str:
+    """Human-readable summary text (per-split, per-class, supervision and quarantine counts)."""
+    s = summarize(store) if summary is None else summary
+    c = s["counts"]
+    sp = store.label_space
+    lines = [f"store {store.path}  label space {sp.name} ({sp.num_classes} classes, ignore {sp.ignore_index})",
+             f"rows read {c['read']} = written {c['written']} + quarantined {c['quarantined']}",
+             "", "split        images  " + "  ".join(f"{k:>6}" for k in ("pixel", "box", "image"))]
+    for split, n in s["splits"].items():
+        ss = s["split_supervision"][split]
+        lines.append(f"{split:<12} {n:>6}  " + "  ".join(f"{ss.get(k, 0):>6}" for k in ("pixel", "box", "image")))
+    lines.append(f"{'total':<12} {c['written']:>6}  " + "  ".join(f"{s['supervision'].get(k, 0):>6}" for k in ("pixel", "box", "image")))
+    lines += ["", "images per class (image-level labels):"]
+    items = list(s["class_images"].items())
+    present = sum(1 for _, n in items if n > 0)
+    for name, n in items[:max_classes]:
+        lines.append(f"  {name:<20} {n:>6}")
+    if len(items) > max_classes:
+        lines.append(f"  ... {len(items) - max_classes} more classes")
+    lines.append(f"classes present: {present} of {len(items)}")
+    lines += ["", "quarantined rows by reason:"]
+    if not s["quarantine"]:
+        lines.append("  (none)")
+    for reason, n in s["quarantine"].items():
+        lines.append(f"  {reason:<32} {n:>6}")
+    return "\n".join(lines)
