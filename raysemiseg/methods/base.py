@@ -105,6 +105,11 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: supervision the method trains from: rows of other kinds are still fed but unused
     uses: ClassVar[tuple[str, ...]] = ("pixel",)
+    #: training stages accepted by ``set_stage`` (the registry test exercises each one)
+    STAGES: ClassVar[tuple[str, ...]] = ("default",)
+    #: per stage, glob patterns of trainable parameter names that legitimately get no gradient
+    #: in that stage (checked by tests/methods/test_registry.py); empty for most methods
+    GRAD_FREE: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, label_space: LabelSpace, model: Any, params: MethodParams | None = None) -> None:
         super().__init__()
@@ -133,8 +138,8 @@ class Method(nn.Module):
 
     def set_stage(self, stage: str) -> None:
         """Switch training stage (e.g. "pretrain" / "joint"); methods with stages override."""
-        if stage not in ("default",):
-            raise ValueError(f"method {self.name!r} has no stage {stage!r}; valid: ['default']")
+        if stage not in self.STAGES:
+            raise ValueError(f"method {self.name!r} has no stage {stage!r}; valid: {list(self.STAGES)}")
 
 
 METHODS: dict[str, type[Method]] = {}
