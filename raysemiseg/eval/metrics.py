@@ -193,11 +193,12 @@ class ConfusionMatrix:
         t, p = t[keep], p[keep]
         if t.numel() == 0:
             return
-        if int(t.min()) < 0 or int(t.max()) >= k:
-            bad = torch.unique(t[(t < 0) | (t >= k)])[:10].tolist()
-            raise ValueError(f"target has ids {bad} outside 0..{k - 1} and != ignore_index {self.ignore_index}")
-        if int(p.min()) < 0 or int(p.max()) >= k:
-            bad = torch.unique(p[(p < 0) | (p >= k)])[:10].tolist()
+        t_bad, p_bad = (t < 0) | (t >= k), (p < 0) | (p >= k)
+        if bool((t_bad | p_bad).any()):  # one host sync per update
+            if bool(t_bad.any()):
+                bad = torch.unique(t[t_bad])[:10].tolist()
+                raise ValueError(f"target has ids {bad} outside 0..{k - 1} and != ignore_index {self.ignore_index}")
+            bad = torch.unique(p[p_bad])[:10].tolist()
             raise ValueError(f"pred has ids {bad} outside 0..{k - 1}")
         self.mat += torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
 
