@@ -28,6 +28,11 @@ class DataConfig(StrictModel):
     train_split: str = "train"
     val_split: str = "val"
     label_store: str | None = Field(None, description="pseudo-label store for weak rows (raysemiseg pseudolabel)")
+    label_recipe: str | None = Field(None, description="recipe to use when the label store holds several")
+    shuffle_buffer: int = Field(64, ge=0, description="worker-side local shuffle buffer, rows (0 = store order)")
+    cache_rows: bool = Field(
+        True, description="keep the selected rows' encoded bytes in the Ray object store across epochs "
+                          "(False = stream them from Parquet every epoch, for stores larger than memory)")
     crop_size: int = Field(256, ge=32, description="square training crop side, pixels")
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True
@@ -98,6 +103,10 @@ class ScalingConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the worker group (SPREAD = one worker per node when possible)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra custom Ray resources per worker, e.g. {worker_node: 1}")
 
 
 class RunConfig(StrictModel):
@@ -106,10 +115,12 @@ class RunConfig(StrictModel):
     num_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    inject_fault_at_step: int | None = Field(
+        None, ge=1, description="TEST ONLY: rank 0 exits (os._exit) at this global step on the run's first attempt")
 
 
 class TrackingConfig(StrictModel):
-    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI or ./mlruns")
+    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite:///<run.storage_path>/mlflow.db")
     experiment: str = "raysemiseg"
     enabled: bool = True
 

@@ -1,0 +1,553 @@
+"""Training and validation data: store rows -> Ray Data -> decode/augment -> mixed batches -> :class:`Batch`.
+
+Driver side (:func:`build_datasets`) decides which store rows train and validate and with which
+role, and returns Ray Data datasets for the Ray Train worker group:
+
+* the row roles come from the split file (``data.split_file``: columns image_id, split, role) when
+  set, else from the store: ``split`` column, role ``strong`` for ``supervision == "pixel"`` rows
+  and ``weak`` otherwise. ``role == "none"`` rows are dropped. Weak rows never expose their pixel
+  mask (it is replaced by ``ignore_index``), whatever the store holds.
+* pseudo labels (``data.label_store``) are joined by ``image_id`` for the rows the store covers
+  (broadcast join: the label store's ``image_id -> mask PNG`` map travels with the map task;
+  label PNGs are a few KB, so tens of MB for 10k images).
+* decode + augment (random scale, random crop padded with ``ignore_index`` / mean colour, random
+  horizontal flip) run in Ray Data ``map_batches`` tasks, off the training process, and emit
+  fixed-size uint8/int arrays. Normalisation with the backbone's mean/std happens on the worker's
+  device in :func:`collate` (uint8 travels through the object store: 4x smaller than float32).
+
+Worker side: :class:`BatchSampler` turns the worker's dataset shards into an endless stream of
+mixed mini-batches. With ``data.strong_fraction = f`` every batch of ``B`` rows holds exactly
+``k_s = round(f * B)`` strong rows and ``B - k_s`` weak rows (WSSL semi-supervised setting,
+Papandreou et al. 2015 Sec. 3.4; dual-branch k strong + k weak, Luo & Yang 2020 Sec. 3), drawn from
+two pools that cycle independently: an epoch is one pass over the weak pool, so the (usually
+smaller) strong pool is oversampled. Methods never see any of this: they receive a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from raysemiseg.data.schema import decode_image, decode_mask
+from raysemiseg.labels import LabelSpace
+from raysemiseg.methods.base import Batch
+
+ROLES = ("strong", "weak", "none")
+#: pad colour of crops (ImageNet mean, RGB uint8): zero after normalisation
+PAD_RGB = (124, 116, 104)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side: which rows, which role
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPlan:
+    """What the driver hands to the worker group.
+
+    Attributes:
+        datasets: Ray datasets by name: ``"train"`` (one pool) or ``"train_strong"`` +
+            ``"train_weak"`` (fixed strong fraction), and ``"val"`` (raw rows, not split).
+        pool_rows: rows per training pool (before sharding), e.g. ``{"train": 80}``.
+        val_rows: number of validation rows.
+        label_space: the store's label space (masks are in it).
+        split_names: names of the datasets that Ray Train shards across workers.
+    """
+
+    datasets: dict[str, Any]
+    pool_rows: dict[str, int]
+    val_rows: int
+    label_space: LabelSpace
+    split_names: list[str] = field(default_factory=list)
+
+
+def read_roles(data_cfg: Any, store: Any) -> pa.Table:
+    """The (image_id, split, role) table of every store row that a run may use.
+
+    Args:
+        data_cfg: :class:`raysemiseg.config.DataConfig`.
+        store: an opened image store (``raysemiseg.data.store.open_store``).
+
+    Returns:
+        pa.Table with string columns image_id, split, role (role in :data:`ROLES`).
+
+    Raises:
+        ValueError: the split file lacks a column, holds an unknown role, or names image ids
+            that are not in the store (the first few are listed).
+    """
+    base = store.read_table(columns=["image_id", "split", "supervision"])
+    if data_cfg.split_file is None:
+        role = pc.if_else(pc.equal(base["supervision"], "pixel"), "strong", "weak")
+        return pa.table({"image_id": base["image_id"], "split": base["split"], "role": role})
+    path = Path(data_cfg.split_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.split_file {path} does not exist (write one with `raysemiseg data split`)")
+    split = pq.read_table(path)
+    missing = {"image_id", "split", "role"} - set(split.column_names)
+    if missing:
+        raise ValueError(f"split file {path} lacks columns {sorted(missing)} (has {split.column_names})")
+    bad_roles = set(pc.unique(split["role"]).to_pylist()) - set(ROLES)
+    if bad_roles:
+        raise ValueError(f"split file {path}: unknown roles {sorted(bad_roles)}; valid: {list(ROLES)}")
+    unknown = pc.filter(split["image_id"], pc.invert(pc.is_in(split["image_id"], base["image_id"])))
+    if len(unknown):
+        raise ValueError(f"split file {path}: {len(unknown)} image ids are not in the store, e.g. {unknown[:3].to_pylist()}")
+    return split.select(["image_id", "split", "role"])
+
+
+def _cap(ids: list[str], roles: list[str], cap: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """Keep ``cap`` rows chosen reproducibly from ``seed`` (all when ``cap`` is None)."""
+    if cap is None or cap >= len(ids):
+        return ids, roles
+    keep = np.sort(np.random.default_rng(seed).choice(len(ids), size=cap, replace=False))
+    return [ids[i] for i in keep], [roles[i] for i in keep]
+
+
+def read_label_store(label_store: str | Path, recipe: str | None = None) -> dict[str, bytes]:
+    """``image_id -> pseudo-label mask PNG`` from ``LABELS/shards/*.parquet``.
+
+    Args:
+        label_store: the label store directory.
+        recipe: which recipe's rows to use; required when the store holds more than one.
+
+    Raises:
+        FileNotFoundError: no shards.
+        ValueError: several recipes and none chosen (the recipes are listed), or an unknown recipe.
+    """
+    shards = sorted(Path(label_store, "shards").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"label store {label_store} has no shards/*.parquet (run `raysemiseg pseudolabel`)")
+    t = pa.concat_tables([pq.read_table(s, columns=["image_id", "recipe", "mask"]) for s in shards])
+    recipes = sorted(set(t["recipe"].to_pylist()))
+    if recipe is None:
+        if len(recipes) > 1:
+            raise ValueError(f"label store {label_store} holds recipes {recipes}; set data.label_recipe")
+    elif recipe not in recipes:
+        raise ValueError(f"label store {label_store} has no recipe {recipe!r}; valid: {recipes}")
+    else:
+        t = t.filter(pc.equal(t["recipe"], recipe))
+    return dict(zip(t["image_id"].to_pylist(), t["mask"].to_pylist()))
+
+
+def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
+    """Ray datasets for a run (driver side; nothing is read from Parquet beyond id columns).
+
+    Args:
+        cfg: :class:`raysemiseg.config.TrainConfig`.
+        uses_boxes: render Bbox-Rect box masks (``Batch.box_masks``) for the method.
+
+    Raises:
+        ValueError: a pool needed by ``data.strong_fraction`` is empty, no validation rows with
+            masks, or the store's label space differs from ``cfg.label_space``.
+    """
+    from raysemiseg.data.store import open_store
+    from raysemiseg.labels import load_label_space
+
+    d = cfg.data
+    store = open_store(d.store)
+    space = store.label_space
+    want = load_label_space(cfg.label_space)
+    if tuple(want.names) != tuple(space.names):
+        raise ValueError(
+            f"label_space {cfg.label_space!r} ({want.num_classes} classes) differs from the store's "
+            f"{space.name!r} ({space.num_classes} classes); set label_space to match the store")
+    roles = read_roles(d, store)
+    train = roles.filter(pc.and_(pc.equal(roles["split"], d.train_split), pc.not_equal(roles["role"], "none")))
+    val = roles.filter(pc.equal(roles["split"], d.val_split))
+    tr_ids, tr_roles = _cap(train["image_id"].to_pylist(), train["role"].to_pylist(), d.max_train_rows, cfg.run.seed)
+    va_ids, _ = _cap(val["image_id"].to_pylist(), val["role"].to_pylist(), d.max_val_rows, cfg.run.seed)
+    if not tr_ids:
+        raise ValueError(f"no training rows: split {d.train_split!r} is empty in {d.store}")
+    if not va_ids:
+        raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
+    pseudo = read_label_store(d.label_store, d.label_recipe) if d.label_store else {}
+
+    aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
+               ignore_index=space.ignore_index, num_classes=space.num_classes,
+               uses_boxes=uses_boxes, seed=cfg.run.seed)
+    quiet_ray_data()
+    role_of = dict(zip(tr_ids, tr_roles))
+    if d.strong_fraction is None:
+        pools = {"train": role_of}
+    else:
+        pools = {"train_strong": {i: r for i, r in role_of.items() if r == "strong"},
+                 "train_weak": {i: r for i, r in role_of.items() if r == "weak"}}
+        k_s = strong_rows_per_batch(d.batch_size, d.strong_fraction)
+        for name, k in (("train_strong", k_s), ("train_weak", d.batch_size - k_s)):
+            if k > 0 and not pools[name]:
+                raise ValueError(
+                    f"data.strong_fraction={d.strong_fraction} needs {k} {name[6:]} rows per batch, but split "
+                    f"{d.train_split!r} has no {name[6:]} rows")
+            if k == 0:
+                del pools[name]
+    datasets: dict[str, Any] = {}
+    for name, ids in pools.items():
+        datasets[name] = _rows_dataset(store, ids, pseudo, d.cache_rows).map_batches(
+            augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
+    # validation rows are re-read every epoch: always cached (encoded bytes, one val split)
+    datasets["val"] = _rows_dataset(store, dict.fromkeys(va_ids, "strong"), {}, cache=True,
+                                     columns=["image_id", "image", "mask"])
+    pool_rows = {name: len(ids) for name, ids in pools.items()}
+    return DataPlan(datasets=datasets, pool_rows=pool_rows, val_rows=len(va_ids), label_space=space,
+                    split_names=[n for n in datasets if n != "val"])
+
+
+def _rows_dataset(store: Any, roles: dict[str, str], pseudo: dict[str, bytes], cache: bool,
+                  columns: list[str] | None = None, block_rows: int = 32) -> Any:
+    """The store rows in ``roles`` with ``role``/``pseudo`` columns, as a Ray dataset.
+
+    ``cache=True``: the driver reads them with pyarrow (column projection) and puts them in the
+    Ray object store once (``ray.data.from_arrow``, blocks of ``block_rows``): every epoch reuses
+    them. ``cache=False``: Ray Data streams the store's Parquet files each epoch
+    (``store.dataset()``) and filters in map tasks -- for stores larger than memory.
+    """
+    import ray.data
+
+    if cache:
+        t = attach_roles(store.read_table(columns=columns), roles, pseudo)
+        blocks = [t.slice(i, block_rows) for i in range(0, max(t.num_rows, 1), block_rows)]
+        return ray.data.from_arrow(blocks)
+    return store.dataset(columns=columns).map_batches(attach_roles, fn_kwargs={"roles": roles, "pseudo": pseudo},
+                                                      batch_format="pyarrow", batch_size=64)
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars in this process (training logs stay readable)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def attach_roles(batch: pa.Table, roles: dict[str, str], pseudo: dict[str, bytes]) -> pa.Table:
+    """Ray Data stage: keep rows whose id is in ``roles``; add ``role`` and ``pseudo`` columns.
+
+    A broadcast join: ``roles`` (image_id -> strong|weak) and ``pseudo`` (image_id -> label-store
+    PNG) travel with the task (Ray stores ``fn_kwargs`` once in the object store).
+    """
+    keep = pc.is_in(batch["image_id"], pa.array(list(roles), pa.string()))
+    t = batch.filter(keep)
+    ids = t["image_id"].to_pylist()
+    t = t.append_column("role", pa.array([roles[i] for i in ids], pa.string()))
+    return t.append_column("pseudo", pa.array([pseudo.get(i) for i in ids], pa.binary()))
+
+
+def strong_rows_per_batch(batch_size: int, strong_fraction: float) -> int:
+    """``round(f * B)`` strong rows per batch of ``B`` (half-up), e.g. B=8, f=0.5 -> 4."""
+    return int(math.floor(batch_size * strong_fraction + 0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode + augment (Ray Data map_batches; pure numpy, also used by the plain benchmark loop)
+# ----------------------------------------------------------------------------------------------
+
+
+def _label_dtype(num_classes: int, ignore_index: int) -> type[np.integer]:
+    return np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.int32
+
+
+def render_boxes(boxes: list[dict] | None, height: int, width: int, ignore_index: int,
+                 background: int = 0) -> np.ndarray:
+    """Bbox-Rect rendering (Papandreou et al. 2015 Sec. 3.2): class id inside each box, background
+    outside; overlapping boxes resolved smallest-on-top. Rows without boxes are all ``ignore_index``.
+
+    Args:
+        boxes: dicts with class_id, x0, y0, x1, y1 (pixels, x1/y1 exclusive) or None/empty.
+
+    Returns:
+        (height, width) int64 mask.
+    """
+    if not boxes:
+        return np.full((height, width), ignore_index, np.int64)
+    out = np.full((height, width), background, np.int64)
+    for b in sorted(boxes, key=lambda b: -(b["x1"] - b["x0"]) * (b["y1"] - b["y0"])):
+        x0, y0 = max(int(round(b["x0"])), 0), max(int(round(b["y0"])), 0)
+        x1, y1 = min(int(round(b["x1"])), width), min(int(round(b["y1"])), height)
+        out[y0:y1, x0:x1] = b["class_id"]
+    return out
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    """Resize (H, W[, 3]) to ``size`` = (h, w); bilinear for images, nearest for label maps."""
+    h, w = size
+    if arr.ndim == 3:
+        return np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR))
+    mode = "L" if arr.max(initial=0) <= 255 else "I"
+    im = Image.fromarray(arr.astype(np.uint8 if mode == "L" else np.int32), mode=mode)
+    return np.asarray(im.resize((w, h), Image.NEAREST)).astype(np.int64)
+
+
+def augment_example(image: np.ndarray, labels: list[np.ndarray], rng: np.random.Generator, *, crop: int,
+                    scale_range: tuple[float, float], flip: bool, ignore_index: int
+                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Random scale, random ``crop x crop`` crop (padded), random horizontal flip.
+
+    The same geometric transform applies to the image and every label map.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        labels: (H, W) int label maps (mask, pseudo, box mask).
+        rng: the random generator (scale ~ U(scale_range), crop offset uniform, flip p=0.5).
+        crop: output side in pixels; smaller images are padded (image with :data:`PAD_RGB`,
+            labels with ``ignore_index``) before cropping, as in DeepLab.
+
+    Returns:
+        ((crop, crop, 3) uint8, [(crop, crop) int64 ...]).
+    """
+    h, w = image.shape[:2]
+    s = float(rng.uniform(*scale_range)) if scale_range[0] != scale_range[1] else float(scale_range[0])
+    if s != 1.0:
+        nh, nw = max(int(round(h * s)), 1), max(int(round(w * s)), 1)
+        image = _resize(image, (nh, nw), nearest=False)
+        labels = [_resize(m, (nh, nw), nearest=True) for m in labels]
+        h, w = nh, nw
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    if ph or pw:
+        padded = np.empty((h + ph, w + pw, 3), np.uint8)
+        padded[...] = np.asarray(PAD_RGB, np.uint8)
+        padded[:h, :w] = image
+        image = padded
+        labels = [np.pad(m, ((0, ph), (0, pw)), constant_values=ignore_index) for m in labels]
+        h, w = h + ph, w + pw
+    y0 = int(rng.integers(0, h - crop + 1))
+    x0 = int(rng.integers(0, w - crop + 1))
+    image = image[y0:y0 + crop, x0:x0 + crop]
+    labels = [m[y0:y0 + crop, x0:x0 + crop] for m in labels]
+    if flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+        labels = [m[:, ::-1] for m in labels]
+    return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in labels]
+
+
+def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float], flip: bool,
+                  ignore_index: int, num_classes: int, uses_boxes: bool, seed: int,
+                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Decode and augment store rows into fixed-size arrays (a Ray Data ``map_batches`` UDF).
+
+    Args:
+        batch: rows with the image-store columns plus ``role`` (strong|weak) and ``pseudo``
+            (label-store PNG or null).
+        rng: random generator; default: seeded from ``seed``, the batch's ids and fresh OS
+            entropy (augmentation draws differ between visits of the same rows).
+
+    Returns:
+        dict of numpy arrays, N = rows: ``image`` (N, crop, crop, 3) uint8; ``mask``, ``pseudo``
+        (and ``box_mask`` when ``uses_boxes``) (N, crop, crop) uint8 or int32 with
+        ``ignore_index`` void/padding (``mask`` is all void for weak rows); ``labels`` (N, K)
+        uint8 multi-hot image-level labels (background column set when the space has one at id 0);
+        ``is_strong`` (N,) bool; ``image_id`` (N,) str.
+    """
+    if rng is None:
+        ids_crc = zlib.crc32("".join(batch["image_id"].to_pylist()).encode())
+        rng = np.random.default_rng([seed, ids_crc, int.from_bytes(np.random.bytes(4), "little")])
+    ldt = _label_dtype(num_classes, ignore_index)
+    cols = batch.to_pydict()
+    n = batch.num_rows
+    out_img = np.empty((n, crop, crop, 3), np.uint8)
+    out_mask = np.empty((n, crop, crop), ldt)
+    out_pseudo = np.empty((n, crop, crop), ldt)
+    out_box = np.empty((n, crop, crop), ldt) if uses_boxes else None
+    multi_hot = np.zeros((n, num_classes), np.uint8)
+    is_strong = np.zeros(n, bool)
+    for i in range(n):
+        image = decode_image(cols["image"][i])
+        h, w = image.shape[:2]
+        strong = cols["role"][i] == "strong" and cols["mask"][i] is not None
+        is_strong[i] = strong
+        void = np.full((h, w), ignore_index, np.int64)
+        maps = [decode_mask(cols["mask"][i]) if strong else void]
+        maps.append(decode_mask(cols["pseudo"][i]) if cols["pseudo"][i] is not None else void)
+        if uses_boxes:
+            maps.append(render_boxes(cols["boxes"][i], h, w, ignore_index))
+        for m in maps:
+            if m.shape != (h, w):
+                raise ValueError(f"row {cols['image_id'][i]}: label map {m.shape} does not match image {(h, w)}")
+        image, maps = augment_example(image, maps, rng, crop=crop, scale_range=scale_range, flip=flip,
+                                      ignore_index=ignore_index)
+        out_img[i] = image
+        out_mask[i] = maps[0]
+        out_pseudo[i] = maps[1]
+        if out_box is not None:
+            out_box[i] = maps[2]
+        multi_hot[i, [c for c in (cols["labels"][i] or []) if 0 <= c < num_classes]] = 1
+        multi_hot[i, 0] = 1  # background (id 0 in every built-in space) is present in every image
+    out = {"image": out_img, "mask": out_mask, "pseudo": out_pseudo, "labels": multi_hot,
+           "is_strong": is_strong, "image_id": np.asarray(cols["image_id"], dtype=object)}
+    if out_box is not None:
+        out["box_mask"] = out_box
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side: endless pools, fixed strong fraction, collate
+# ----------------------------------------------------------------------------------------------
+
+
+class _Pool:
+    """Endless row stream over one dataset shard, re-iterated (reshuffled) at each pass end."""
+
+    def __init__(self, name: str, shard: Any, fetch: int, shuffle_buffer: int, seed: int) -> None:
+        self.name, self.shard, self.fetch, self.shuffle_buffer, self.seed = name, shard, fetch, shuffle_buffer, seed
+        self.passes = 0
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._buf: list[dict[str, np.ndarray]] = []
+        self._buffered = 0
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            rows = 0
+            for b in self.shard.iter_batches(batch_size=self.fetch, batch_format="numpy", prefetch_batches=2,
+                                             local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                             local_shuffle_seed=self.seed + self.passes if self.shuffle_buffer else None):
+                rows += len(b["image_id"])
+                yield b
+            self.passes += 1
+            if rows == 0:
+                raise RuntimeError(f"training pool {self.name!r} has no rows on this worker "
+                                   "(fewer rows than workers?)")
+
+    def take(self, k: int) -> dict[str, np.ndarray]:
+        """The next ``k`` rows (crossing pass boundaries), as a dict of arrays."""
+        if self._it is None:
+            self._it = self._batches()
+        while self._buffered < k:
+            b = next(self._it)
+            self._buf.append(b)
+            self._buffered += len(b["image_id"])
+        merged = {key: np.concatenate([b[key] for b in self._buf]) for key in self._buf[0]}
+        head = {key: v[:k] for key, v in merged.items()}
+        rest = {key: v[k:] for key, v in merged.items()}
+        self._buffered -= k
+        self._buf = [rest] if self._buffered else []
+        return head
+
+
+class BatchSampler:
+    """Mixed mini-batches with a fixed number of strong rows (worker side).
+
+    Args:
+        shards: ``{"train": it}`` or ``{"train_strong": it, "train_weak": it}`` (Ray Data
+            iterators from ``ray.train.get_dataset_shard``, or any object with ``iter_batches``).
+        batch_size: rows per batch ``B``.
+        strong_fraction: ``f`` or None (one pool, batches as sampled).
+        shuffle_buffer: local shuffle buffer in rows (0 = none).
+        seed: shuffle seed (pass ``p`` uses ``seed + p``).
+    """
+
+    def __init__(self, shards: dict[str, Any], batch_size: int, strong_fraction: float | None,
+                 shuffle_buffer: int = 0, seed: int = 0) -> None:
+        self.batch_size = batch_size
+        if strong_fraction is None:
+            self.quota = {"train": batch_size}
+        else:
+            k_s = strong_rows_per_batch(batch_size, strong_fraction)
+            self.quota = {k: v for k, v in (("train_strong", k_s), ("train_weak", batch_size - k_s)) if v > 0}
+        missing = set(self.quota) - set(shards)
+        if missing:
+            raise ValueError(f"missing dataset shards {sorted(missing)}; have {sorted(shards)}")
+        self.pools = {name: _Pool(name, shards[name], k, shuffle_buffer, seed) for name, k in self.quota.items()}
+
+    def next(self) -> dict[str, np.ndarray]:
+        """One batch of ``batch_size`` rows (strong rows first), numpy arrays as in :func:`augment_batch`."""
+        parts = [self.pools[name].take(k) for name, k in self.quota.items()]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def steps_per_epoch(pool_rows: dict[str, int], batch_size: int, strong_fraction: float | None,
+                    num_workers: int) -> int:
+    """Steps in one epoch: one pass over the weak pool (or the only pool), per worker.
+
+    Each worker's shard holds ``rows // num_workers`` rows (equal split); the epoch is
+    ``ceil(shard_rows / rows_per_batch_from_that_pool)`` and at least 1.
+    """
+    if strong_fraction is None:
+        return max(1, math.ceil((pool_rows["train"] // num_workers) / batch_size))
+    k_s = strong_rows_per_batch(batch_size, strong_fraction)
+    if batch_size - k_s > 0:
+        return max(1, math.ceil((pool_rows["train_weak"] // num_workers) / (batch_size - k_s)))
+    return max(1, math.ceil((pool_rows["train_strong"] // num_workers) / k_s))
+
+
+def collate(rows: dict[str, np.ndarray], mean: Any, std: Any, device: torch.device | str = "cpu") -> Batch:
+    """Numpy rows -> :class:`Batch` on ``device``, images normalised ``(x / 255 - mean) / std``.
+
+    Args:
+        rows: arrays as returned by :func:`augment_batch`.
+        mean, std: per-channel RGB statistics of the backbone, values in [0, 1].
+    """
+    dev = torch.device(device)
+    img = torch.from_numpy(rows["image"]).to(dev, non_blocking=True)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    images = (img.permute(0, 3, 1, 2).float() / 255.0 - m) / s
+    box = rows.get("box_mask")
+    return Batch(
+        images=images.contiguous(),
+        masks=torch.from_numpy(rows["mask"].astype(np.int64)).to(dev),
+        pseudo=torch.from_numpy(rows["pseudo"].astype(np.int64)).to(dev),
+        image_labels=torch.from_numpy(rows["labels"].astype(np.float32)).to(dev),
+        is_strong=torch.from_numpy(rows["is_strong"].astype(bool)).to(dev),
+        box_masks=None if box is None else torch.from_numpy(box.astype(np.int64)).to(dev),
+        image_ids=[str(i) for i in rows["image_id"]],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation rows (decoded on the worker: native sizes differ per image)
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_eval_image(image: np.ndarray, val_size: int | None) -> np.ndarray:
+    """Resize (H, W, 3) uint8 so its long side is ``val_size`` (unchanged when None)."""
+    if val_size is None:
+        return image
+    h, w = image.shape[:2]
+    s = val_size / max(h, w)
+    if abs(s - 1.0) < 1e-6:
+        return image
+    return _resize(image, (max(int(round(h * s)), 1), max(int(round(w * s)), 1)), nearest=False)
+
+
+def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> Iterator[dict[str, Any]]:
+    """Decoded validation rows ``i`` with ``i % world == rank`` (every row counted exactly once).
+
+    Args:
+        rows: a Ray Data iterator/dataset (``iter_batches``) or a pyarrow Table of store rows.
+
+    Yields:
+        {"image_id": str, "image": (H, W, 3) uint8, "mask": (H, W) int64 or None}.
+    """
+    if isinstance(rows, pa.Table):
+        batches: Any = rows.to_batches(max_chunksize=fetch)
+    else:
+        batches = rows.iter_batches(batch_size=fetch, batch_format="pyarrow")
+    i = 0
+    for b in batches:
+        cols = b.to_pydict()
+        for j in range(len(cols["image_id"])):
+            if i % world == rank:
+                mask = cols["mask"][j]
+                yield {"image_id": cols["image_id"][j], "image": decode_image(cols["image"][j]),
+                       "mask": None if mask is None else decode_mask(mask)}
+            i += 1
+
+
+def describe_plan(plan: DataPlan) -> str:
+    """One line for logs: pools, rows, label space."""
+    return json.dumps({"pools": plan.pool_rows, "val_rows": plan.val_rows, "label_space": plan.label_space.name})

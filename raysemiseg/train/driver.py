@@ -1,0 +1,178 @@
+"""The Ray Train driver: one ``TorchTrainer`` for every method and config.
+
+``train(cfg)`` validates the data plan on the driver (nothing heavy is read), builds the
+``TorchTrainer`` from the config (``ScalingConfig``: workers, CPU/GPU, placement; gloo on CPU,
+nccl on GPU), ``RunConfig(name, storage_path)`` with ``CheckpointConfig(num_to_keep,
+checkpoint_score_attribute="val_miou", order "max")`` and ``FailureConfig(max_failures)``, and the
+MLflow callback of :mod:`raysemiseg.tune.tracking`. Rerunning with the same ``run.name`` and
+``run.storage_path`` resumes from the latest checkpoint (Ray Train V2 restores the run's
+checkpoint history from storage and ``ray.train.get_checkpoint()`` hands the latest one to the
+workers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysemiseg.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) run leaves behind.
+
+    Attributes:
+        run_dir: ``storage_path/name`` (Ray Train's run folder with the checkpoints).
+        best_checkpoint: directory of the checkpoint with the highest val mIoU kept.
+        latest_checkpoint: directory of the last reported checkpoint.
+        metrics: the last reported metrics (rank 0).
+        history: every epoch's metrics reported in this invocation (empty on a no-op resume).
+        mlflow_run_id / tracking_uri: where the run is tracked (None when tracking is off).
+    """
+
+    run_dir: Path
+    best_checkpoint: Path | None
+    latest_checkpoint: Path | None
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+def local_path(path: str) -> Path | None:
+    """``path`` as a local absolute path, or None for URIs (``s3://``, ``gs://``...)."""
+    return None if "://" in path and not path.startswith("file://") else Path(path.removeprefix("file://")).resolve()
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process.
+
+    Order: an already initialised Ray; ``address`` (e.g. "auto") or ``$RAY_ADDRESS`` (set by
+    ``ray job submit``); otherwise a fresh local instance bound to 127.0.0.1 with no dashboard
+    and ``num_cpus`` logical CPUs (default: max(cores, 2)).
+
+    Raises:
+        ConnectionError: an explicit address could not be reached.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, log_to_driver=True)
+        return
+    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
+             _node_ip_address="127.0.0.1", configure_logging=False)
+
+
+def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised) and its worker config.
+
+    Raises:
+        ValueError / FileNotFoundError: from the data plan (empty pools, missing split file...).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raysemiseg.methods.base import get_method
+    from raysemiseg.train.data import build_datasets, describe_plan, steps_per_epoch
+
+    method_cls = get_method(cfg.method.name)
+    plan = build_datasets(cfg, uses_boxes="box" in method_cls.uses)
+    log.info("data plan: %s", describe_plan(plan))
+    steps = cfg.optim.steps_per_epoch or steps_per_epoch(
+        plan.pool_rows, cfg.data.batch_size, cfg.data.strong_fraction, cfg.scaling.num_workers)
+    storage = local_path(cfg.run.storage_path)
+    storage_str = str(storage) if storage is not None else cfg.run.storage_path
+    fault_marker = None
+    if cfg.run.inject_fault_at_step is not None:
+        if storage is None:
+            raise ValueError("run.inject_fault_at_step (test only) needs a local run.storage_path")
+        (storage / cfg.run.name).mkdir(parents=True, exist_ok=True)
+        fault_marker = str(storage / cfg.run.name / ".fault_injected")
+    worker_config = {"cfg": cfg.model_dump(mode="json"), "steps_per_epoch": steps, "fault_marker": fault_marker,
+                     "pools": sorted(plan.pool_rows),
+                     "label_space": {**plan.label_space.to_dict(), "name": plan.label_space.name}}
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {}), **sc.resources_per_worker}
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config=worker_config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=storage_str,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
+                                               checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+            callbacks=callbacks or None),
+        datasets=plan.datasets,
+        dataset_config=DataConfig(datasets_to_split=plan.split_names),
+    )
+    return trainer, worker_config
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    from raysemiseg.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | None = None) -> TrainResult:
+    """Train ``cfg`` on Ray Train and return where the checkpoints and metrics went.
+
+    Args:
+        cfg: the validated run config.
+        tracker: a started :class:`raysemiseg.tune.tracking.Tracker` (default: one is made from
+            ``cfg.tracking`` when enabled).
+        ray_address: passed to :func:`ensure_ray`.
+
+    Raises:
+        ray.train.TrainingFailedError: the workers failed more than ``run.max_failures`` times.
+    """
+    from raysemiseg.tune.tracking import Tracker
+
+    ensure_ray(ray_address)
+    own_tracker = tracker is None and cfg.tracking.enabled
+    if own_tracker:
+        tracker = Tracker.for_run(cfg)
+        tracker.start()
+    callbacks = [tracker.callback()] if tracker is not None else []
+    trainer, _ = build_trainer(cfg, callbacks=callbacks)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if own_tracker:
+            tracker.end("FAILED")
+        raise
+    storage = local_path(cfg.run.storage_path)
+    run_dir = (storage / cfg.run.name) if storage is not None else Path(cfg.run.storage_path) / cfg.run.name
+    best = result.best_checkpoints[0][0] if result.best_checkpoints else None
+    if result.best_checkpoints:
+        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", float("-inf")))[0]
+    latest = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    history = []
+    if result.metrics_dataframe is not None and len(result.metrics_dataframe):
+        history = result.metrics_dataframe.to_dict("records")
+    metrics = dict(result.metrics or {})
+    if not metrics and best is not None:  # a no-op resume of a finished run: take the checkpoint's
+        from raysemiseg.train.checkpoint import read_meta
+
+        metrics = read_meta(best.path)["metrics"]
+    out = TrainResult(run_dir=run_dir, best_checkpoint=Path(best.path) if best is not None else None,
+                      latest_checkpoint=latest, metrics=metrics, history=history,
+                      mlflow_run_id=tracker.run_id if tracker is not None else None,
+                      tracking_uri=tracker.tracking_uri if tracker is not None else None)
+    if tracker is not None:
+        tracker.log_checkpoint(out.best_checkpoint, out.latest_checkpoint)
+        if own_tracker:
+            tracker.end("FINISHED")
+    return out

@@ -1,0 +1,372 @@
+"""The one training loop (every method, through the :class:`~raysemiseg.methods.base.Method` protocol).
+
+``train_loop_per_worker`` is what each Ray Train worker runs (see :mod:`raysemiseg.train.driver`):
+build the method, optimizers (one per :meth:`Method.optimizer_groups` group), resume from
+``ray.train.get_checkpoint()``, then per epoch :func:`train_one_epoch` + :func:`evaluate` and one
+``ray.train.report`` (rank 0 attaches the checkpoint).
+
+Optimisation (DeepLab, Chen et al. 2015; per-method overrides through optimizer groups):
+
+* poly learning rate ``lr_t = lr_0 * (1 - t / T) ** power`` (power 0.9), ``t`` = global step,
+  ``T`` = epochs * steps per epoch, applied to every parameter group's own initial lr;
+* SGD momentum 0.9, weight decay 5e-4, or Adam (``optim.optimizer`` or the group's override);
+* each group steps on the sum of its own losses: loss keys ``"group/name"`` go to ``group``,
+  unprefixed keys to ``"main"``; gradients are taken with ``torch.autograd.grad`` w.r.t. the
+  group's parameters only (so a discriminator loss never moves the segmenter and vice versa),
+  averaged over workers with one all_reduce per group (parameters without a gradient count as
+  zero on every rank, so ranks never disagree on the collective);
+* AMP (float16 autocast + GradScaler) on CUDA when ``optim.amp``; ignored on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raysemiseg.eval.metrics import ConfusionMatrix, SegMetrics
+from raysemiseg.train.data import BatchSampler, collate, iter_val_rows, prepare_eval_image
+
+MAIN_GROUP = "main"
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and learning rate
+# ----------------------------------------------------------------------------------------------
+
+
+def build_optimizers(method: nn.Module, optim_cfg: Any) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer per :meth:`Method.optimizer_groups` group.
+
+    Args:
+        method: the method (its ``optimizer_groups(lr)`` gives the groups).
+        optim_cfg: :class:`raysemiseg.config.OptimConfig`.
+
+    Raises:
+        ValueError: an unknown optimizer kind or an empty group (names the group).
+    """
+    out: dict[str, torch.optim.Optimizer] = {}
+    for g in method.optimizer_groups(optim_cfg.lr):
+        kind = g.optimizer or optim_cfg.optimizer
+        params = [pg for pg in g.params if pg["params"]]
+        if not params:
+            raise ValueError(f"optimizer group {g.name!r} has no trainable parameters")
+        for pg in params:
+            pg.setdefault("lr", optim_cfg.lr)
+            pg["initial_lr"] = pg["lr"]
+        if kind == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                                                         weight_decay=optim_cfg.weight_decay)
+        elif kind == "adam":
+            opt = torch.optim.Adam(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+        else:
+            raise ValueError(f"optimizer group {g.name!r}: unknown optimizer {kind!r}; valid: ['adam', 'sgd']")
+        out[g.name] = opt
+    return out
+
+
+def poly_factor(step: int, total: int, power: float = 0.9) -> float:
+    """DeepLab's poly schedule factor ``(1 - step / total) ** power``, clamped to [0, 1]."""
+    return max(0.0, 1.0 - min(step, total) / max(total, 1)) ** power
+
+
+def set_lr(optimizers: dict[str, torch.optim.Optimizer], factor: float) -> float:
+    """Set every parameter group's lr to ``initial_lr * factor``; returns the first group's lr."""
+    first = None
+    for opt in optimizers.values():
+        for pg in opt.param_groups:
+            pg["lr"] = pg["initial_lr"] * factor
+            first = pg["lr"] if first is None else first
+    return float(first or 0.0)
+
+
+def group_losses(losses: dict[str, Tensor], groups: Iterable[str]) -> dict[str, dict[str, Tensor]]:
+    """Split ``{"group/name": loss, "name": loss}`` by optimizer group (unprefixed -> ``"main"``).
+
+    Raises:
+        ValueError: a key names a group the method did not declare (valid groups listed).
+    """
+    valid = list(groups)
+    out: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    for key, value in losses.items():
+        group, _, name = key.rpartition("/")
+        group = group or MAIN_GROUP
+        if group not in valid:
+            raise ValueError(f"loss {key!r} belongs to optimizer group {group!r}; the method's groups are {valid}")
+        out[group][key] = value
+    return dict(out)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def allreduce_grads(params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor | None]:
+    """Average gradients over workers with one all_reduce.
+
+    A ``None`` gradient counts as zero in the average; a parameter with no gradient on *any*
+    worker keeps ``None`` (so weight decay / momentum leave it alone, as in single-process
+    training). The used-flags travel in the same all_reduce buffer.
+    """
+    _, world = _world()
+    if world == 1 or not params:
+        return list(grads)
+    filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    used = torch.tensor([0.0 if g is None else 1.0 for g in grads], dtype=filled[0].dtype, device=filled[0].device)
+    flat = torch.cat([g.reshape(-1) for g in filled] + [used])
+    dist.all_reduce(flat)
+    out: list[Tensor | None] = []
+    i = 0
+    n_used = flat[-len(params):].tolist()
+    for j, g in enumerate(filled):
+        out.append(None if n_used[j] == 0 else (flat[i:i + g.numel()] / world).view_as(g))
+        i += g.numel()
+    return out
+
+
+def broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
+    """Copy rank 0's parameters (and buffers) to every worker (no-op on one process)."""
+    _, world = _world()
+    if world == 1:
+        return
+    tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step, one epoch, evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def train_step(method: nn.Module, batch: Any, optimizers: dict[str, torch.optim.Optimizer],
+               scaler: torch.amp.GradScaler, *, amp: bool, grad_clip: float | None = None) -> dict[str, float]:
+    """Forward, per-group gradients, all_reduce, step. Returns the loss values (floats).
+
+    Raises:
+        FloatingPointError: a loss is NaN/inf without AMP (names the losses and batch ids).
+    """
+    device_type = batch.images.device.type
+    with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=amp):
+        losses = method.compute_losses(batch)
+    if not losses:
+        raise ValueError(f"method {getattr(method, 'name', '?')!r} returned no losses")
+    by_group = group_losses(losses, optimizers)
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if not amp and not all(np.isfinite(v) for v in values.values()):
+        raise FloatingPointError(f"non-finite loss {values} on rows {batch.image_ids[:8]}")
+    names = list(by_group)
+    pending: list[tuple[str, list[Tensor], list[Tensor]]] = []
+    for i, gname in enumerate(names):
+        opt = optimizers[gname]
+        params = [p for pg in opt.param_groups for p in pg["params"] if p.requires_grad]
+        total = sum(by_group[gname].values())
+        grads = torch.autograd.grad(scaler.scale(total), params, retain_graph=i < len(names) - 1, allow_unused=True)
+        pending.append((gname, params, list(grads)))
+    for gname, params, grads in pending:  # step after all grads: no in-place update under a live graph
+        opt = optimizers[gname]
+        for p, g in zip(params, allreduce_grads(params, grads)):
+            p.grad = g
+        if grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+    scaler.update()
+    return values
+
+
+def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[str, torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler, *, steps: int, start_step: int, total_steps: int,
+                    poly_power: float, device: torch.device, amp: bool, grad_clip: float | None,
+                    mean: Any, std: Any, fault_step: int | None = None, fault_marker: str | None = None,
+                    warmup_steps: int = 2) -> dict[str, float]:
+    """Run ``steps`` optimisation steps; returns averaged losses, lr and steady-state images/s.
+
+    ``train_images_per_s`` counts only steps after the first ``warmup_steps`` (data pipeline
+    start-up, allocator warm-up) when the epoch has more steps than that.
+    """
+    method.train()
+    sums: dict[str, float] = defaultdict(float)
+    images = 0
+    t_start = None
+    lr = 0.0
+    rank, _ = _world()
+    for i in range(steps):
+        step = start_step + i
+        if fault_step is not None and step + 1 == fault_step and rank == 0 and fault_marker \
+                and not Path(fault_marker).exists():
+            Path(fault_marker).write_text(f"injected fault at step {fault_step}\n")
+            os._exit(17)  # test-only: simulate a crashed worker process
+        if i == min(warmup_steps, steps - 1):
+            t_start, images = time.perf_counter(), 0
+        lr = set_lr(optimizers, poly_factor(step, total_steps, poly_power))
+        batch = collate(sampler.next(), mean, std, device)
+        values = train_step(method, batch, optimizers, scaler, amp=amp, grad_clip=grad_clip)
+        for k, v in values.items():
+            sums[k] += v
+        sums["loss"] += sum(values.values())
+        images += batch.images.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - (t_start or time.perf_counter())
+    out = {f"train/{k}": v / steps for k, v in sums.items()}
+    out["lr"] = lr
+    out["train_images_per_s"] = images / elapsed if elapsed > 0 else float("nan")
+    return out
+
+
+@torch.no_grad()
+def predict_logits(method: nn.Module, image: np.ndarray, mean: Any, std: Any, device: torch.device,
+                   val_size: int | None = None, amp: bool = False) -> Tensor:
+    """Class scores of one image at its native size.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        val_size: resize the long side to this before the forward pass (None = native).
+
+    Returns:
+        (C, H, W) float32 logits (bilinearly resized back to the native size).
+    """
+    h, w = image.shape[:2]
+    x = prepare_eval_image(image, val_size)
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(2, 0, 1).float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        logits = method.predict(((t - m) / s).unsqueeze(0)).float()
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits[0]
+
+
+def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, device: torch.device, *,
+             mean: Any, std: Any, val_size: int | None = None, amp: bool = False) -> SegMetrics:
+    """Validation mIoU with the shared confusion matrix, reduced over all workers.
+
+    Args:
+        rows: the worker's validation iterator (every worker sees all rows; worker ``r`` scores
+            rows ``i % world == r``, so each row counts once).
+
+    Returns:
+        :class:`~raysemiseg.eval.metrics.SegMetrics` over all workers' rows.
+    """
+    method.eval()
+    rank, world = _world()
+    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    for row in iter_val_rows(rows, rank, world):
+        if row["mask"] is None:
+            continue
+        pred = predict_logits(method, row["image"], mean, std, device, val_size, amp).argmax(0)
+        cm.update(pred, torch.from_numpy(row["mask"]).to(device))
+    cm.reduce_from_all_processes()
+    return cm.compute()
+
+
+def normalisation(method: nn.Module) -> tuple[Any, Any]:
+    """The backbone's RGB (mean, std) in [0, 1] (``method.backbone.mean/std``).
+
+    Raises:
+        AttributeError: the method registers no ``backbone`` (see the Method docstring).
+    """
+    bb = getattr(method, "backbone", None)
+    if bb is None or not hasattr(bb, "mean"):
+        raise AttributeError(f"method {getattr(method, 'name', '?')!r} has no .backbone with mean/std")
+    return tuple(float(v) for v in bb.mean), tuple(float(v) for v in bb.std)
+
+
+def epoch_metrics(metrics: SegMetrics, label_space: Any) -> dict[str, float]:
+    """Flat val metrics: val_miou, val_pixel_acc, val_mean_acc, val_iou/<class> (present classes)."""
+    out = {"val_miou": float(metrics.miou), "val_pixel_acc": float(metrics.pixel_acc),
+           "val_mean_acc": float(metrics.mean_acc)}
+    for k, v in enumerate(metrics.iou):
+        if np.isfinite(v):
+            out[f"val_iou/{label_space.names[k]}"] = float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The Ray Train worker function
+# ----------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry (``TorchTrainer(train_loop_per_worker, train_loop_config=config)``).
+
+    Args:
+        config: {"cfg": TrainConfig as a JSON dict, "steps_per_epoch": int,
+            "fault_marker": path or None (test-only fault injection marker)}.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from raysemiseg.config import load_config
+    from raysemiseg.methods.base import get_method
+    from raysemiseg.train.checkpoint import label_space_of, load_train_state, save_checkpoint
+
+    from raysemiseg.train.data import quiet_ray_data
+
+    quiet_ray_data()
+    cfg = load_config(config["cfg"])
+    space = label_space_of({"label_space": config["label_space"]})
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed + rank)
+
+    method = get_method(cfg.method.name)(space, cfg.model, cfg.method.build_params())
+    method.set_stage(cfg.method.stage)
+    method.to(device)
+    broadcast_state(method)
+    mean, std = normalisation(method)
+    optimizers = build_optimizers(method, cfg.optim)
+    amp = bool(cfg.optim.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    start_epoch, global_step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_train_state(d, method, optimizers, scaler, device)
+        start_epoch, global_step = state["epoch"], state["global_step"]
+
+    steps = int(config["steps_per_epoch"])
+    total_steps = steps * cfg.optim.epochs
+    names = ["train"] if cfg.data.strong_fraction is None else [
+        n for n in ("train_strong", "train_weak") if n in config["pools"]]
+    sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
+                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(
+            method, sampler, optimizers, scaler, steps=steps, start_step=global_step, total_steps=total_steps,
+            poly_power=cfg.optim.poly_power, device=device, amp=amp, grad_clip=cfg.optim.grad_clip,
+            mean=mean, std=std, fault_step=cfg.run.inject_fault_at_step, fault_marker=config.get("fault_marker"))
+        global_step += steps
+        broadcast_state(method, buffers_only=True)  # BN statistics of rank 0 everywhere (what is saved)
+        seg = evaluate(method, val_shard, space.num_classes, space.ignore_index, device, mean=mean, std=std,
+                       val_size=cfg.data.val_size, amp=amp)
+        metrics = {"epoch": epoch + 1, "global_step": global_step, **train_metrics,
+                   **epoch_metrics(seg, space), "epoch_time_s": time.perf_counter() - t0}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(tmp, method, cfg, space, optimizers=optimizers, scaler=scaler, epoch=epoch + 1,
+                                global_step=global_step, metrics=metrics)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
