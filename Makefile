@@ -25,3 +25,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs mlruns .pytest_cache
+
+# rebuild the bundled sample (raysemiseg/sample_data) from ../shared/data (maintainers only)
+sample: $(STAMP)
+	$(VENV)/bin/raysemiseg data make-sample --shared ../shared/data --out raysemiseg/sample_data
