@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -186,3 +187,19 @@ def test_predict_with_given_labels_and_under_inference_mode() -> None:
     with torch.no_grad():  # classifier-identified labels: at least one (fallback_top1)
         out2 = m.predict(b.images)
     assert ((out2 > ABSENT_LOGIT).flatten(2).any(-1).sum(1) >= 2).all()
+
+
+def test_init_from_earlier_stage(tmp_path) -> None:
+    """A stage starts from the previous stage's checkpoint (``init_from``), matching tensors only."""
+    first = make()
+    torch.save(first.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(123)
+    second = DecoupledNet(SPACE, MODEL.model_copy(update={"pretrained": True}),
+                          SMALL.model_copy(update={"init_from": str(tmp_path)}))
+    for (n, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), n
+    other = torch.nn.Linear(2, 2)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="none of its"):
+        DecoupledNet(SPACE, MODEL.model_copy(update={"pretrained": True}),
+                     SMALL.model_copy(update={"init_from": str(tmp_path / "other.pt")}))

@@ -67,6 +67,37 @@ class DecoupledParams(MethodParams):
     subset_union: bool = Field(True, description="also train one pair for the union of a row's labels (Sec. 5)")
     seg_weight: float = Field(1.0, ge=0.0, description="weight of the segmentation loss in stage 'default'")
     max_pairs: int = Field(64, ge=1, description="cap on (image, label) pairs per batch")
+    init_from: str | None = Field(None, description="checkpoint (dir or file) of an earlier stage to start from")
+
+
+def init_from_checkpoint(method: nn.Module, path: str) -> list[str]:
+    """Start a stage from an earlier stage's weights (e.g. ``segment`` from ``classify``).
+
+    Loads every tensor of the checkpoint whose name and shape match ``method``'s state (other
+    methods' checkpoints work too, e.g. an ``lnet`` L-Net into ``lnet_pnet``). As with the WSSL
+    helper's ``init_from``, methods call this only when ``model.pretrained`` is true, so
+    rebuilding a trained run from its own checkpoint (``load_method``) does not read it.
+
+    Args:
+        path: a raysemiseg/Ray checkpoint directory (``model.pt``) or a state-dict file.
+
+    Returns:
+        The names of the loaded tensors.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: no tensor of the checkpoint matches the method (wrong method or label space).
+    """
+    from raysemiseg.methods.wssl.cross import read_state_dict
+
+    state = read_state_dict(path)
+    own = method.state_dict()
+    ok = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not ok:
+        raise ValueError(f"init_from {path}: none of its {len(state)} tensors matches method "
+                         f"{getattr(method, 'name', '?')!r} (different method or label space?)")
+    method.load_state_dict(ok, strict=False)
+    return sorted(ok)
 
 
 def class_saliency(head: Callable[[Tensor], Tensor], features: Tensor, pair_img: Tensor, pair_weights: Tensor,
@@ -136,6 +167,8 @@ class DecoupledNet(Method):
             nn.ConvTranspose2d(p.width, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 2, 1),
         )
         self.stage = "default"
+        if p.init_from and getattr(model, "pretrained", True):
+            init_from_checkpoint(self, p.init_from)
 
     # ------------------------------------------------------------------ stages
     def _classifier_modules(self) -> list[nn.Module]:

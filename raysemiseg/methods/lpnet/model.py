@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from raysemiseg.labels import LabelSpace
 from raysemiseg.methods.base import Batch, Method, MethodParams, OptimizerGroup, register
 from raysemiseg.methods.decoupled.losses import masked_cross_entropy, present_pairs
+from raysemiseg.methods.decoupled.model import init_from_checkpoint
 from raysemiseg.models.backbones import build_backbone
 from raysemiseg.models.heads import LargeFOVHead
 
@@ -58,6 +59,7 @@ class LNetParams(MethodParams):
     head_dropout: float = Field(0.5, ge=0.0, lt=1.0)
     head_dilation: int = Field(12, ge=1)
     pseudo_weight: float = Field(1.0, ge=0.0, description="weight of the CE on weak rows' pseudo labels L_w")
+    init_from: str | None = Field(None, description="checkpoint of an earlier stage/method to start from")
 
 
 class LNetPNetParams(LNetParams):
@@ -152,6 +154,8 @@ class LNet(Method):
         self.lnet_head = LargeFOVHead(self.lnet_backbone.out_channels, 1, hidden=p.head_hidden,
                                       dilation=p.head_dilation, dropout=p.head_dropout)
         self.stage = "default"
+        if p.init_from and getattr(model, "pretrained", True) and type(self) is LNet:
+            init_from_checkpoint(self, p.init_from)
 
     # ------------------------------------------------------------------ stages
     def _stage_modules(self) -> dict[str, list[nn.Module]]:
@@ -242,6 +246,8 @@ class LNetPNet(LNet):
     def __init__(self, label_space: LabelSpace, model: Any, params: LNetPNetParams | None = None) -> None:
         super().__init__(label_space, model, params)
         self.pnet = PNet(self.params.pnet_input_size)
+        if self.params.init_from and getattr(model, "pretrained", True):
+            init_from_checkpoint(self, self.params.init_from)
 
     def _stage_modules(self) -> dict[str, list[nn.Module]]:
         seg, lnet = [self.backbone, self.head], [self.lnet_backbone, self.lnet_head]

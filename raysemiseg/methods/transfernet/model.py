@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from raysemiseg.labels import LabelSpace
 from raysemiseg.methods.base import Batch, Method, MethodParams, register
+from raysemiseg.methods.decoupled.model import init_from_checkpoint
 from raysemiseg.methods.decoupled.losses import (
     binary_targets,
     combine_binary_maps,
@@ -59,6 +60,7 @@ class TransferNetParams(MethodParams):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="separate classifier's sigmoid threshold")
     fallback_top1: bool = True
     max_pairs: int = Field(64, ge=1, description="cap on (image, label) pairs per batch")
+    init_from: str | None = Field(None, description="checkpoint of an earlier stage (e.g. 'attention') to start from")
 
 
 def attention_weights(A: Tensor, label_emb: Tensor, w_feat: nn.Linear, w_att: nn.Linear) -> Tensor:
@@ -119,6 +121,8 @@ class TransferNet(Method):
         self.decoder = nn.Sequential(*layers)
         self.stage = "default"
         self.set_stage("default")
+        if p.init_from and getattr(model, "pretrained", True):
+            init_from_checkpoint(self, p.init_from)
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: str) -> None:
