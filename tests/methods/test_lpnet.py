@@ -138,3 +138,19 @@ def test_lnet_map_from_checkpoint(tmp_path) -> None:
     want = lnet_map(m, x[None])[0].numpy()
     assert got.shape == (40, 56)
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_c3s_miou_strong_vs_weak() -> None:
+    """Split-set 1: strong = bicycle, boat, bus, car, cat, chair, cow, diningtable, person, tvmonitor."""
+    from raysemiseg.methods.lpnet import c3s_miou
+
+    iou = np.full(21, np.nan)
+    iou[0] = 0.9
+    iou[SPACE.index("cat")] = 0.6
+    iou[SPACE.index("person")] = 0.4
+    iou[SPACE.index("dog")] = 0.2
+    r = c3s_miou(iou, SPACE, 1)
+    assert np.isclose(r["strong_miou"], 0.5) and np.isclose(r["weak_miou"], 0.2)
+    assert np.isclose(r["fg_miou"], 0.4)
+    flat = {"val_miou": 0.5, "val_iou/cat": 0.6, "val_iou/person": 0.4, "val_iou/dog": 0.2, "val_iou/background": 0.9}
+    assert c3s_miou(flat, SPACE, 1) == r

@@ -7,8 +7,9 @@ from raysemiseg.methods.lpnet.model import (
     LNetPNet,
     LNetPNetParams,
     PNet,
+    c3s_miou,
     class_agnostic_target,
     lnet_map,
 )
 
-__all__ = ["LNet", "LNetMapStage", "LNetPNet", "LNetPNetParams", "LNetParams", "PNet", "class_agnostic_target", "lnet_map"]
+__all__ = ["LNet", "LNetMapStage", "LNetPNet", "LNetPNetParams", "LNetParams", "PNet", "c3s_miou", "class_agnostic_target", "lnet_map"]

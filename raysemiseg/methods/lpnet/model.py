@@ -391,3 +391,34 @@ class LNetMapStage:
         batch = dict(batch)
         batch["lnet_map"] = np.array(out, dtype=object)
         return batch
+
+
+# ---------------------------------------------------------------------- C3S reporting
+def c3s_miou(iou: Any, space: LabelSpace, split_set: int) -> dict[str, float]:
+    """Strong-class and weak-class mIoU of a C3S split-set (Xiao et al. 2018, Table 2's grey and
+    white columns), from per-class IoU.
+
+    Args:
+        iou: (K,) per-class IoU (NaN = excluded), a :class:`raysemiseg.eval.metrics.SegMetrics`, or a
+            dict of flat metrics with ``val_iou/<class name>`` / ``iou/<class name>`` keys (what the
+            training loop reports; classes absent from the dict count as excluded).
+        space: the run's label space; split_set: 1..4 (classes from
+            :func:`raysemiseg.data.splits.c3s_classes`).
+
+    Returns:
+        ``{"strong_miou", "weak_miou", "fg_miou"}`` in [0, 1] (NaN where every class is excluded);
+        ``fg_miou`` = over strong + weak classes (background excluded).
+    """
+    from raysemiseg.data.splits import c3s_classes
+    from raysemiseg.eval.metrics import miou_over
+
+    if isinstance(iou, dict):
+        arr = np.full(space.num_classes, np.nan)
+        for k, v in iou.items():
+            name = k.split("/", 1)[1] if "/" in k and k.split("/", 1)[0] in ("val_iou", "iou") else None
+            if name is not None and name in space:
+                arr[space.index(name)] = float(v)
+        iou = arr
+    strong, weak = c3s_classes(split_set, space)
+    return {"strong_miou": miou_over(iou, sorted(strong)), "weak_miou": miou_over(iou, sorted(weak)),
+            "fg_miou": miou_over(iou, sorted(strong | weak))}
