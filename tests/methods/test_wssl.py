@@ -24,13 +24,14 @@ from raysemiseg.methods.wssl.losses import (
 from raysemiseg.pseudolabel.em import EStepParams, e_step
 
 TINY = ModelConfig(backbone="tiny", pretrained=False, output_stride=8)
+TINY_INIT = ModelConfig(backbone="tiny", pretrained=True, output_stride=8)  # tiny ignores ImageNet weights
 VOC = builtin("voc21")
 IG = 255
 
 
-def make_wssl(space=VOC, **params):
+def make_wssl(space=VOC, model=TINY, **params):
     params = {"head_hidden": 16, "head_dropout": 0.0, **params}
-    return get_method("wssl")(space, TINY, WsslParams(**params))
+    return get_method("wssl")(space, model, WsslParams(**params))
 
 
 def make_batch(n_strong: int, n_weak: int, k: int = 21, size: int = 32, seed: int = 0) -> Batch:
@@ -167,7 +168,7 @@ def test_cross_pretrain_replaces_classifier(tmp_path):
     src = make_wssl(space=builtin("coco80"))
     path = tmp_path / "coco.pt"
     torch.save({"model": src.state_dict()}, path)
-    dst = make_wssl(space=VOC, init_from=str(path))
+    dst = make_wssl(space=VOC, model=TINY_INIT, init_from=str(path))
     for name, t in dst.backbone.state_dict().items():
         assert torch.equal(t, src.backbone.state_dict()[name]), name
     assert torch.equal(dst.head.fc7.weight, src.head.fc7.weight)
@@ -179,7 +180,9 @@ def test_cross_pretrain_replaces_classifier(tmp_path):
     assert not torch.equal(same.head.fc8.weight, src.head.fc8.weight)
     assert torch.equal(same.head.fc6.weight, src.head.fc6.weight)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        make_wssl(init_from=str(tmp_path / "missing.pt"))
+        make_wssl(model=TINY_INIT, init_from=str(tmp_path / "missing.pt"))
+    # rebuilding for inference (pretrained: false, as load_method does) does not read init_from
+    assert make_wssl(init_from=str(tmp_path / "missing.pt")).head.fc8.weight.shape[0] == 21
 
 
 def test_cross_joint_union_label_space(tmp_path):

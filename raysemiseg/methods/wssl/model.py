@@ -55,7 +55,9 @@ class WsslParams(StrongOnlyParams):
         weak_weight: weight of the weak rows' cross-entropy relative to the strong rows'.
         use_label_store: train weak rows that have a stored pseudo label on it (skip the E-step).
         init_from: Cross-Pretrain checkpoint (file or Ray checkpoint directory); its classifier
-            is replaced, everything else is loaded.
+            is replaced, everything else is loaded. Like ImageNet weights it is applied only
+            when ``model.pretrained`` is true, so rebuilding a trained run from its own
+            checkpoint (``load_method`` builds with ``pretrained: false``) does not read it.
         head_hidden, head_dropout, head_dilation: the LargeFOV head (as ``strong_only``).
     """
 
@@ -105,7 +107,7 @@ class WsslEM(StrongOnly):
     def __init__(self, label_space: LabelSpace, model: Any, params: WsslParams | None = None) -> None:
         super().__init__(label_space, model, params)  # backbone + LargeFOVHead (strong_only's network)
         self._estep = self.params.estep_params()
-        if self.params.init_from:
+        if self.params.init_from and getattr(model, "pretrained", True):
             from raysemiseg.methods.wssl.cross import load_cross_pretrain
 
             load_cross_pretrain(self, self.params.init_from)

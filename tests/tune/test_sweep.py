@@ -1,0 +1,117 @@
+"""Ray Tune sweeps: validation before work, the CPU budget, and a tiny real sweep (2 trials, tiny
+backbone, 2 epochs x 2 steps) on the shared Ray session with MLflow parent/child runs in a
+file-backed (SQLite) store and a best-config YAML that load_config accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysemiseg.config import ConfigError, load_config
+from raysemiseg.tune.sweep import SweepResources, grid_size, load_sweep, plan_concurrency, resolve_values
+
+
+def write_base(tmp_path: Path, store: Path, split: Path) -> Path:
+    base = {
+        "label_space": "voc21",
+        "data": {"store": str(store), "split_file": str(split), "crop_size": 64, "batch_size": 2,
+                 "strong_fraction": 0.5, "val_size": 64, "max_train_rows": 16, "max_val_rows": 4,
+                 "scale_range": [0.9, 1.1]},
+        "model": {"backbone": "tiny", "pretrained": False},
+        "method": {"name": "wssl", "params": {"head_hidden": 16}},
+        "optim": {"optimizer": "sgd", "lr": 1e-3, "epochs": 2, "steps_per_epoch": 2, "amp": False},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "run": {"name": "base", "storage_path": str(tmp_path / "runs"), "max_failures": 0},
+        "tracking": {"experiment": "sweep-test"},
+    }
+    p = tmp_path / "base.yaml"
+    p.write_text(yaml.safe_dump(base))
+    return p
+
+
+def write_sweep(tmp_path: Path, **extra) -> Path:
+    sweep = {
+        "name": "tiny_bias",
+        "base": "base.yaml",
+        "search_space": {"b_diff": {"grid": [1.0, 3.0]}},
+        "derived": {"method.params.b_fg": {"sum": ["method.params.b_bg", "b_diff"]}},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        **extra,
+    }
+    sweep["search_space"]["method.params.b_bg"] = {"grid": [3.0]}
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(sweep))
+    return p
+
+
+def test_sweep_validation_before_work(tmp_path):
+    base = {"data": {"store": "nowhere"}, "model": {"backbone": "tiny"}, "method": {"name": "dual_branch"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    good = {"name": "s", "base": "base.yaml", "search_space": {"method.params.neck_depth": {"grid": [0, 3]},
+                                                                "optim.lr": {"loguniform": [1e-5, 1e-3]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(good))
+    sweep, base_d = load_sweep(tmp_path / "s.yaml")
+    assert grid_size(sweep) == 2 and base_d["method"]["name"] == "dual_branch"
+    bad_value = {**good, "search_space": {"method.params.neck_depth": {"grid": [0, 4]}}}   # n in 0..3
+    (tmp_path / "b1.yaml").write_text(yaml.safe_dump(bad_value))
+    with pytest.raises(ConfigError, match="neck_depth"):
+        load_sweep(tmp_path / "b1.yaml")
+    bad_key = {**good, "search_space": {"method.params.neck_dept": {"grid": [1]}}}
+    (tmp_path / "b2.yaml").write_text(yaml.safe_dump(bad_key))
+    with pytest.raises(ConfigError, match="neck_dept"):
+        load_sweep(tmp_path / "b2.yaml")
+    bad_kind = {**good, "search_space": {"optim.lr": {"normal": [0, 1]}}}
+    (tmp_path / "b3.yaml").write_text(yaml.safe_dump(bad_kind))
+    with pytest.raises(ConfigError, match="grid"):
+        load_sweep(tmp_path / "b3.yaml")
+    assert resolve_values({"a": 2.0, "d": 3.0}, {"x.b": {"sum": ["a", "d"]}}) == {"a": 2.0, "d": 3.0, "x.b": 5.0}
+
+
+def test_concurrency_budget_cannot_starve_data():
+    base = {"scaling": {"num_workers": 1, "cpus_per_worker": 1.0}}
+    res = SweepResources(driver_cpus=0.0, data_cpus=1.0)
+    assert plan_concurrency(2, base, res) == 1          # 2-CPU machine: one trial at a time
+    assert plan_concurrency(4, base, res) == 2
+    assert plan_concurrency(8, base, SweepResources(max_concurrent_trials=3)) == 3
+    with pytest.raises(ValueError, match="only 1 trials"):
+        plan_concurrency(2, base, SweepResources(max_concurrent_trials=2))
+    with pytest.raises(ValueError, match="needs 3.0 CPUs"):
+        plan_concurrency(2, {"scaling": {"num_workers": 2, "cpus_per_worker": 1.0}}, res)
+
+
+def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, sample_split, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from raysemiseg.tune.sweep import run_sweep
+
+    write_base(tmp_path, sample_store, sample_split)
+    result = run_sweep(write_sweep(tmp_path))
+    out = capsys.readouterr().out
+    assert "sweep tiny_bias: 2 trials" in out and "best:" in out
+    assert len(result.rows) == 2 and result.concurrency == 2   # the test session has 4 logical CPUs
+    assert all(r["status"] in ("finished", "early-stopped") for r in result.rows), result.table
+    assert {r["values"]["method.params.b_fg"] for r in result.rows} == {4.0, 6.0}
+    assert any(r["status"] == "finished" for r in result.rows)
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    assert result.tracking_uri.startswith("sqlite:///") and Path(result.tracking_uri[10:]).is_file()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and "best_val_miou" in parent.data.metrics
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status in ("FINISHED", "KILLED")
+        assert child.data.params["method.name"] == "wssl"
+        assert child.data.params["sweep.b_diff"] in ("1.0", "3.0")
+        assert "final/val_miou" in child.data.metrics
+        assert any(k.startswith("final/val_iou/") for k in child.data.metrics)
+        assert len(client.get_metric_history(child.info.run_id, "val_miou")) >= 1
+
+    cfg = load_config(result.best_config_path)
+    assert cfg.method.name == "wssl" and cfg.run.name == "tiny_bias-best"
+    best = result.rows[0]
+    assert cfg.method.params["b_fg"] == best["values"]["method.params.b_fg"]
+    assert cfg.run.storage_path == str(tmp_path / "runs")
