@@ -13,6 +13,7 @@ import sys
 #: modules that register sub-commands, in the order they appear in ``--help``
 COMMAND_MODULES: tuple[str, ...] = (
     "raysemiseg.data.commands",
+    "raysemiseg.pseudolabel.commands",
     "raysemiseg.tune.commands",
 )
 

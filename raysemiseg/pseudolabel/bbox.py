@@ -6,8 +6,8 @@
   central ``alpha`` fraction of each box's area (a centred rectangle with sides scaled by
   ``sqrt(alpha)``; paper: "the centre area of the box, alpha% of its pixels", alpha = 20%) is clamped
   to the box's class (smallest box first on overlaps), pixels outside every box are clamped to
-  background, and the rest of each box is free with a uniform unary over background + the classes
-  of the boxes covering the pixel. The CRF runs over background + the image's box classes only.
+  background, and the rest of each box is free with a unary giving ``fg_prior`` (default 0.5) to the
+  classes of the boxes covering the pixel (shared equally) and the rest to the background. The CRF runs over background + the image's box classes only.
 
 Boxes are ``(class_id, x0, y0, x1, y1)`` in pixel coordinates of the image, x1/y1 exclusive
 (the image store's ``boxes`` column); a box covers columns ``round(x0) .. round(x1) - 1`` and rows
@@ -27,11 +27,19 @@ __all__ = ["BboxSegParams", "bbox_rect", "bbox_seg", "boxes_array"]
 
 
 class BboxSegParams(BaseModel):
-    """Bbox-Seg parameters: ``alpha`` (clamped central fraction of each box's area) and the CRF's."""
+    """Bbox-Seg parameters.
+
+    Attributes:
+        alpha: clamped central fraction of each box's area (paper: 20%).
+        fg_prior: unary probability mass of the covering boxes' classes (shared equally) at free
+            in-box pixels; the background gets ``1 - fg_prior`` (0.5 with one box = uniform).
+        crf: dense-CRF parameters.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     alpha: float = Field(0.20, gt=0.0, le=1.0)
+    fg_prior: float = Field(0.5, gt=0.0, lt=1.0)
     crf: CRFParams = CRFParams()
 
 
@@ -122,11 +130,12 @@ def bbox_seg(
     p = len(ids)
     # unary: uniform over background + the classes of the boxes covering each pixel
     cover = np.zeros((p, h, w), dtype=np.float32)
-    cover[0] = 1.0
     for bx in b:
         r0, r1, c0, c1 = _pixel_rect(bx, h, w)
         cover[row[int(bx[0])], r0:r1, c0:c1] = 1.0
-    probs = cover / cover.sum(axis=0, keepdims=True)
+    n_cover = cover.sum(axis=0, keepdims=True)
+    probs = np.where(n_cover > 0, params.fg_prior * cover / np.maximum(n_cover, 1), 0.0).astype(np.float32)
+    probs[0] = np.where(n_cover[0] > 0, 1.0 - params.fg_prior, 1.0)
     # clamps: outside all boxes -> background; box cores -> their class (smallest box wins)
     inside = _paint(b, h, w, fill=-1) >= 0
     core = _paint(b, h, w, fill=-1, scale=float(np.sqrt(params.alpha)))

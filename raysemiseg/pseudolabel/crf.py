@@ -94,6 +94,8 @@ def dense_crf(
 
     params = params or CRFParams()
     img = np.ascontiguousarray(image, dtype=np.uint8)
+    if not img.flags.writeable:  # pydensecrf needs a writable buffer (decoded PIL arrays are read-only)
+        img = img.copy()
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) uint8, got shape {img.shape}")
     pr = np.asarray(probs, dtype=np.float32)

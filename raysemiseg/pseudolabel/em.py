@@ -226,6 +226,12 @@ def e_step(
 
 def _e_step_one(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None) -> Tensor:
     """E-step of one image on its present channels: (P, H, W) -> (H, W) positions 0..P-1."""
+    return _biased_scores(scores_p, bg_pos, params, region).argmax(dim=0)
+
+
+def _biased_scores(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None) -> Tensor:
+    """f^ = f + b (Alg. 1) of one image on its present channels: (P, H, W) float32, -inf where a
+    class is not allowed (outside its box region)."""
     p, h, w = scores_p.shape
     f = scores_p.float()
     is_bg = torch.zeros(p, dtype=torch.bool, device=f.device)
@@ -245,7 +251,7 @@ def _e_step_one(scores_p: Tensor, bg_pos: int | None, params: EStepParams, regio
         allowed = allowed.clone()
         allowed[is_bg] = True
         fhat = fhat.masked_fill(~allowed, float("-inf"))
-    return fhat.argmax(dim=0)
+    return fhat
 
 
 def e_step_present(
@@ -255,7 +261,8 @@ def e_step_present(
     *,
     background_id: int | None = 0,
     region: np.ndarray | Tensor | None = None,
-) -> np.ndarray | Tensor:
+    return_scores: bool = False,
+) -> np.ndarray | Tensor | tuple[np.ndarray | Tensor, np.ndarray | Tensor]:
     """E-step of one image in the present-labels-only layout (cost O(P), not O(label space)).
 
     Args:
@@ -266,8 +273,12 @@ def e_step_present(
         background_id: label-space id of the background, or ``None``.
         region: optional (H, W) or (P, H, W) bool box mask (Bbox-EM-Fixed), as in :func:`e_step`.
 
+        return_scores: also return the biased scores ``f^ = f + b`` (Alg. 1), (P, H, W) float32,
+            ``-inf`` where a class is excluded (e.g. for a following dense CRF: ``softmax(f^)``).
+
     Returns:
-        (H, W) int64 label-space ids, numpy when ``scores`` is numpy, else a tensor.
+        (H, W) int64 label-space ids (and the biased scores when ``return_scores``), numpy when
+        ``scores`` is numpy, else tensors.
 
     Raises:
         ValueError: on shape mismatch or a missing background row.
@@ -288,7 +299,10 @@ def e_step_present(
     if region is not None:
         reg = torch.from_numpy(np.asarray(region)) if isinstance(region, np.ndarray) else region
     with torch.no_grad():
-        lab = ids[_e_step_one(s, bg_pos, params or EStepParams(), reg)]
+        fhat = _biased_scores(s, bg_pos, params or EStepParams(), reg)
+        lab = ids[fhat.argmax(dim=0)]
+    if return_scores:
+        return (lab.cpu().numpy(), fhat.cpu().numpy()) if is_np else (lab, fhat)
     return lab.cpu().numpy() if is_np else lab
 
 

@@ -30,6 +30,7 @@ def test_crf_removes_label_noise_along_colour_edges() -> None:
     noisy = np.where(rng.random(gt.shape) < 0.2, 1 - gt, gt)
     probs = np.stack([np.where(noisy == 0, 0.6, 0.4), np.where(noisy == 1, 0.6, 0.4)]).astype(np.float32)
     assert (noisy != gt).mean() > 0.1
+    img.flags.writeable = False  # as decoded by PIL
     lab, conf = crf_labels(img, probs, [0, 7])
     np.testing.assert_array_equal(lab, np.where(gt == 1, 7, 0))  # mapped back to label ids
     assert conf.shape == gt.shape and conf.min() >= 0.5
