@@ -34,6 +34,8 @@ def test_crf_removes_label_noise_along_colour_edges() -> None:
     lab, conf = crf_labels(img, probs, [0, 7])
     np.testing.assert_array_equal(lab, np.where(gt == 1, 7, 0))  # mapped back to label ids
     assert conf.shape == gt.shape and conf.min() >= 0.5
+    lab_half, _ = crf_labels(img, probs, [0, 7], CRFParams(scale=0.5))   # half-resolution inference
+    assert (lab_half == np.where(gt == 1, 7, 0)).mean() > 0.95
 
 
 def test_clamped_pixels_keep_their_label() -> None:
