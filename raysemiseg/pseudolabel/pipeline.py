@@ -478,7 +478,7 @@ class _ModelStage:
 
         from raysemiseg.models.backbones import normalize
 
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div_(255.0).to(self.device)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div_(255.0).to(self.device)
         s = float(self.params.input_scale)  # type: ignore[attr-defined]
         if s != 1.0:
             x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
