@@ -15,6 +15,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "raysemiseg.data.commands",
     "raysemiseg.pseudolabel.commands",
     "raysemiseg.tune.commands",
+    "raysemiseg.train.commands",
+    "raysemiseg.eval.commands",
+    "raysemiseg.quickstart",
 )
 
 

@@ -53,19 +53,26 @@ def local_path(path: str) -> Path | None:
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
-    Order: an already initialised Ray; ``address`` (e.g. "auto") or ``$RAY_ADDRESS`` (set by
-    ``ray job submit``); otherwise a fresh local instance bound to 127.0.0.1 with no dashboard
-    and ``num_cpus`` logical CPUs (default: max(cores, 2)).
+    Order: an already initialised Ray; ``$RAY_ADDRESS`` (set by ``ray job submit``) or an
+    explicit ``address``; ``address="auto"`` joins a running cluster when there is one and falls
+    back to local; otherwise a fresh local instance bound to 127.0.0.1 with no dashboard and
+    ``num_cpus`` logical CPUs (default: max(cores, 2)).
 
     Raises:
-        ConnectionError: an explicit address could not be reached.
+        ConnectionError: an explicit (non-"auto") address could not be reached.
     """
     import ray
 
     if ray.is_initialized():
         return
-    addr = address or os.environ.get("RAY_ADDRESS")
-    if addr:
+    addr = os.environ.get("RAY_ADDRESS") or address
+    if addr == "auto" and not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address="auto", log_to_driver=True)
+            return
+        except ConnectionError:
+            log.info("no running Ray cluster found: starting a local one")
+    elif addr:
         ray.init(address=addr, log_to_driver=True)
         return
     ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,

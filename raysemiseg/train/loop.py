@@ -209,7 +209,11 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
         if fault_step is not None and step + 1 == fault_step and rank == 0 and fault_marker \
                 and not Path(fault_marker).exists():
             Path(fault_marker).write_text(f"injected fault at step {fault_step}\n")
-            os._exit(17)  # test-only: simulate a crashed worker process
+            # test-only: simulate a worker process crash. Ray Train V2's controller collects reports
+            # on its health-check poll (every 2 s): wait three polls so the last checkpoint is
+            # registered, as it would be for any crash that happens a while after a report.
+            time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
+            os._exit(17)
         if i == min(warmup_steps, steps - 1):
             t_start, images = time.perf_counter(), 0
         lr = set_lr(optimizers, poly_factor(step, total_steps, poly_power))
@@ -242,7 +246,7 @@ def predict_logits(method: nn.Module, image: np.ndarray, mean: Any, std: Any, de
     """
     h, w = image.shape[:2]
     x = prepare_eval_image(image, val_size)
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(2, 0, 1).float().div_(255.0)
+    t = torch.from_numpy(np.array(x, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
@@ -273,6 +277,16 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
         cm.update(pred, torch.from_numpy(row["mask"]).to(device))
     cm.reduce_from_all_processes()
     return cm.compute()
+
+
+def count_nodes(node_rank: int, device: torch.device) -> int:
+    """Number of distinct nodes in the worker group (max node rank + 1, one all_reduce)."""
+    _, world = _world()
+    if world == 1:
+        return 1
+    t = torch.tensor([node_rank], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) + 1
 
 
 def normalisation(method: nn.Module) -> tuple[Any, Any]:
@@ -350,6 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
                            cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
     val_shard = ray.train.get_dataset_shard("val")
+    num_nodes = count_nodes(ctx.get_node_rank(), device)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.perf_counter()
@@ -361,7 +376,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         broadcast_state(method, buffers_only=True)  # BN statistics of rank 0 everywhere (what is saved)
         seg = evaluate(method, val_shard, space.num_classes, space.ignore_index, device, mean=mean, std=std,
                        val_size=cfg.data.val_size, amp=amp)
-        metrics = {"epoch": epoch + 1, "global_step": global_step, **train_metrics,
+        metrics = {"epoch": epoch + 1, "global_step": global_step, "resumed_from_epoch": start_epoch,
+                   "num_workers": ctx.get_world_size(), "num_nodes": num_nodes, **train_metrics,
                    **epoch_metrics(seg, space), "epoch_time_s": time.perf_counter() - t0}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

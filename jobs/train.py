@@ -1,0 +1,36 @@
+"""Train a config on a Ray cluster or locally.
+
+    ray job submit --working-dir . -- python jobs/train.py --config configs/methods/strong_only.yaml
+    python jobs/train.py --config configs/methods/strong_only.yaml --set optim.epochs=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raysemiseg.config import load_config
+    from raysemiseg.quickstart import parse_overrides
+    from raysemiseg.train.driver import ensure_ray, train
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", default="auto", help="Ray address (default: the running cluster, else local)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, overrides=parse_overrides(args.set))  # fails before any work starts
+    ensure_ray(args.address)
+    result = train(cfg)
+    print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
+                      "val_miou": result.metrics.get("val_miou"), "epoch": result.metrics.get("epoch"),
+                      "mlflow_run_id": result.mlflow_run_id, "tracking_uri": result.tracking_uri}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
