@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--address", default="auto", help="Ray address (default: the running cluster, else local)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, overrides=parse_overrides(args.set))  # fails before any work starts
+    try:
+        cfg = load_config(args.config, overrides=parse_overrides(args.set))  # fails before any work starts
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jobs/train.py: error: {e}", file=sys.stderr)
+        return 2
     ensure_ray(args.address)
     result = train(cfg)
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),

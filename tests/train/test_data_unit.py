@@ -1,0 +1,165 @@
+"""Hand-checked pieces of train/data.py and train/loop.py (no Ray): augment, boxes, sampler, losses, LR."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from raysemiseg.labels import builtin
+from raysemiseg.methods.base import Batch, Method, OptimizerGroup
+from raysemiseg.train.data import (
+    BatchSampler, augment_example, collate, render_boxes, steps_per_epoch, strong_rows_per_batch,
+)
+from raysemiseg.train.loop import (
+    allreduce_grads, build_optimizers, group_losses, poly_factor, set_lr, train_step,
+)
+
+
+def test_strong_rows_per_batch_rounds_half_up() -> None:
+    assert [strong_rows_per_batch(8, f) for f in (0.0, 0.25, 0.5, 0.3, 1.0)] == [0, 2, 4, 2, 8]
+    assert strong_rows_per_batch(10, 0.25) == 3  # 2.5 -> 3
+
+
+def test_augment_pads_with_ignore_and_moves_labels_with_image() -> None:
+    rng = np.random.default_rng(0)
+    img = np.zeros((4, 6, 3), np.uint8)
+    img[:, :3] = 200                      # left half bright
+    mask = np.zeros((4, 6), np.int64)
+    mask[:, :3] = 7                       # left half class 7
+    out_img, (out_mask,) = augment_example(img, [mask], rng, crop=8, scale_range=(1.0, 1.0), flip=True,
+                                           ignore_index=255)
+    assert out_img.shape == (8, 8, 3) and out_mask.shape == (8, 8)
+    # padding: 8x8 from 4x6 -> 32 - 24 = 40 pixels of ignore; the 12 class-7 pixels stay bright
+    assert (out_mask == 255).sum() == 8 * 8 - 4 * 6
+    assert (out_mask == 7).sum() == 12 and (out_img[out_mask == 7] == 200).all()
+    assert (out_img[out_mask == 0] == 0).all()
+
+
+def test_flip_is_applied_to_image_and_labels_alike() -> None:
+    img = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
+    mask = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    for seed in range(6):
+        out_img, (out_mask,) = augment_example(img, [mask], np.random.default_rng(seed), crop=4,
+                                               scale_range=(1.0, 1.0), flip=True, ignore_index=255)
+        flipped = out_mask[0, 0] == 3
+        ref = img[:, ::-1] if flipped else img
+        np.testing.assert_array_equal(out_img[:2], ref)
+
+
+def test_bbox_rect_smaller_box_on_top() -> None:
+    boxes = [{"class_id": 1, "x0": 0, "y0": 0, "x1": 4, "y1": 4}, {"class_id": 2, "x0": 1, "y0": 1, "x1": 3, "y1": 3}]
+    m = render_boxes(boxes, 5, 5, 255)
+    assert m[2, 2] == 2 and m[0, 0] == 1 and m[4, 4] == 0
+    assert (render_boxes([], 2, 2, 255) == 255).all()
+
+
+class _Shard:
+    """A dataset shard stand-in: ``iter_batches`` over fixed rows (the real one is Ray's DataIterator)."""
+
+    def __init__(self, ids: list[str], strong: bool) -> None:
+        self.ids, self.strong = ids, strong
+
+    def iter_batches(self, batch_size: int, **_: Any):
+        for i in range(0, len(self.ids), batch_size):
+            ids = self.ids[i:i + batch_size]
+            yield {"image_id": np.array(ids, dtype=object), "is_strong": np.full(len(ids), self.strong),
+                   "image": np.zeros((len(ids), 2, 2, 3), np.uint8)}
+
+
+def test_sampler_fixed_strong_fraction_and_oversampling() -> None:
+    shards = {"train_strong": _Shard(["s0", "s1", "s2"], True), "train_weak": _Shard([f"w{i}" for i in range(12)], False)}
+    sampler = BatchSampler(shards, batch_size=4, strong_fraction=0.5)
+    steps = steps_per_epoch({"train_strong": 3, "train_weak": 12}, 4, 0.5, num_workers=1)
+    assert steps == 6  # one pass over the weak pool, 2 weak rows per batch
+    seen_strong = []
+    for _ in range(steps):
+        b = sampler.next()
+        assert b["is_strong"].tolist() == [True, True, False, False]
+        seen_strong += b["image_id"][:2].tolist()
+    assert seen_strong == ["s0", "s1", "s2"] * 4     # 3 strong rows cycled: oversampled 4x
+    assert sampler.next()["image_id"][2:].tolist() == ["w0", "w1"]  # the weak pool starts its second pass
+    assert sampler.pools["train_weak"].passes == 1
+
+
+def test_sampler_single_pool_and_errors() -> None:
+    s = BatchSampler({"train": _Shard(["a", "b", "c"], True)}, batch_size=2, strong_fraction=None)
+    assert [s.next()["image_id"].tolist() for _ in range(3)] == [["a", "b"], ["c", "a"], ["b", "c"]]
+    with pytest.raises(ValueError, match="train_weak"):
+        BatchSampler({"train_strong": _Shard(["a"], True)}, batch_size=2, strong_fraction=0.5)
+    empty = BatchSampler({"train": _Shard([], True)}, batch_size=2, strong_fraction=None)
+    with pytest.raises(RuntimeError, match="no rows"):
+        empty.next()
+
+
+def test_collate_normalises_with_backbone_stats() -> None:
+    rows = {"image": np.full((1, 2, 2, 3), 255, np.uint8), "mask": np.zeros((1, 2, 2), np.uint8),
+            "pseudo": np.full((1, 2, 2), 255, np.uint8), "labels": np.array([[1, 0, 1]], np.uint8),
+            "is_strong": np.array([True]), "image_id": np.array(["x"], dtype=object)}
+    b = collate(rows, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    assert torch.allclose(b.images[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    assert b.masks.dtype == torch.int64 and b.pseudo[0, 0, 0] == 255 and b.image_ids == ["x"]
+
+
+def test_poly_schedule() -> None:
+    assert poly_factor(0, 100) == 1.0 and poly_factor(100, 100) == 0.0
+    assert abs(poly_factor(50, 100, 0.9) - 0.5 ** 0.9) < 1e-12
+
+
+class _TwoGroups(Method):
+    """A segmenter (main) and a critic (disc) whose losses share a graph."""
+
+    name: ClassVar[str] = "_two_groups_test"
+
+    def __init__(self) -> None:
+        super().__init__(builtin("voc21"), None)
+        self.seg = nn.Linear(2, 2)
+        self.critic = nn.Linear(2, 1)
+        self.unused = nn.Linear(2, 2)
+
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        out = self.seg(batch.images)
+        return {"ce": out.pow(2).mean(), "disc/adv": self.critic(out).mean()}
+
+    def optimizer_groups(self, lr: float) -> list[OptimizerGroup]:
+        return [OptimizerGroup("main", [{"params": [*self.seg.parameters(), *self.unused.parameters()], "lr": lr}]),
+                OptimizerGroup("disc", [{"params": list(self.critic.parameters()), "lr": lr * 2}], optimizer="adam")]
+
+
+def test_each_group_steps_on_its_own_losses_only() -> None:
+    torch.manual_seed(0)
+    m = _TwoGroups()
+    from raysemiseg.config import OptimConfig
+
+    opts = build_optimizers(m, OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0))
+    assert isinstance(opts["main"], torch.optim.SGD) and isinstance(opts["disc"], torch.optim.Adam)
+    assert set_lr(opts, 0.5) == 0.05 and opts["disc"].param_groups[0]["lr"] == 0.1
+    set_lr(opts, 1.0)
+    batch = Batch(images=torch.randn(3, 2), masks=torch.zeros(3), pseudo=torch.zeros(3),
+                  image_labels=torch.zeros(3, 21), is_strong=torch.ones(3, dtype=torch.bool))
+    # expected SGD step of the segmenter: gradient of "ce" only (not of the critic's loss)
+    x = batch.images
+    w = m.seg.weight.detach().clone().requires_grad_(True)
+    b = m.seg.bias.detach().clone().requires_grad_(True)
+    (x @ w.T + b).pow(2).mean().backward()
+    expected_w = m.seg.weight.detach() - 0.1 * w.grad
+    unused_before = m.unused.weight.detach().clone()
+    critic_before = m.critic.weight.detach().clone()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    values = train_step(m, batch, opts, scaler, amp=False)
+    assert set(values) == {"ce", "disc/adv"}
+    assert torch.allclose(m.seg.weight, expected_w, atol=1e-6)
+    assert torch.equal(m.unused.weight, unused_before)           # no gradient: untouched
+    assert not torch.equal(m.critic.weight, critic_before)       # stepped by its own loss
+
+
+def test_group_losses_routing_and_errors() -> None:
+    t = torch.tensor(1.0)
+    assert group_losses({"ce": t, "disc/adv": t}, ["main", "disc"]) == {"main": {"ce": t}, "disc": {"disc/adv": t}}
+    with pytest.raises(ValueError, match="'gen'"):
+        group_losses({"gen/x": t}, ["main"])
+    g = [torch.ones(2), None]
+    assert allreduce_grads([torch.zeros(2), torch.zeros(1)], g) == g  # one process: unchanged
