@@ -137,7 +137,7 @@ class DualBranch(_NeckMethod):
 
     name: ClassVar[str] = "dual_branch"
     Params: ClassVar[type[MethodParams]] = DualBranchParams
-    uses: ClassVar[tuple[str, ...]] = ("pixel", "box", "image")
+    uses: ClassVar[tuple[str, ...]] = ("pixel", "image")  # weak targets come from batch.pseudo
 
     def __init__(self, label_space: LabelSpace, model: Any, params: DualBranchParams | None = None) -> None:
         super().__init__(label_space, model, params)
@@ -210,7 +210,7 @@ class SingleBranchMixed(_NeckMethod):
 
     name: ClassVar[str] = "single_branch_mixed"
     Params: ClassVar[type[MethodParams]] = SingleBranchParams
-    uses: ClassVar[tuple[str, ...]] = ("pixel", "box", "image")
+    uses: ClassVar[tuple[str, ...]] = ("pixel", "image")  # weak targets come from batch.pseudo
 
     def __init__(self, label_space: LabelSpace, model: Any, params: SingleBranchParams | None = None) -> None:
         super().__init__(label_space, model, params)
