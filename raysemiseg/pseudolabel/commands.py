@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance if one is started")
     g.add_argument("--max-rows", type=int, default=None, help="label only the first N selected rows (smoke runs)")
     g.add_argument("--rows-per-shard", type=int, default=None, help="override the recipe's rows_per_shard")
+    g.add_argument("--splits", nargs="+", default=None, help="override the recipe's splits (image-store split names)")
     g.add_argument("--no-progress", action="store_true")
     r = p.add_argument_group("report")
     r.add_argument("--overlays", type=int, default=4, help="images per overlay grid")
@@ -60,6 +61,8 @@ def _run(a: argparse.Namespace) -> int:
         over["max_rows"] = a.max_rows
     if a.rows_per_shard is not None:
         over["rows_per_shard"] = a.rows_per_shard
+    if a.splits:
+        over["splits"] = a.splits
     recipe = load_recipe(a.recipe, over)
     r = run_pipeline(recipe, a.store, a.out, checkpoint=a.checkpoint, overwrite=a.overwrite, num_cpus=a.num_cpus,
                      progress=not a.no_progress)
