@@ -25,6 +25,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a fresh local instance, never a cluster left by `ray start` on this machine
             num_cpus=RAY_TEST_CPUS,
             include_dashboard=False,
             log_to_driver=False,

@@ -658,11 +658,18 @@ class RunResult:
 
 
 def _ensure_ray(num_cpus: int | None) -> None:
+    """Use the running Ray; else connect to ``$RAY_ADDRESS`` (e.g. under ``ray job submit``); else
+    start a local instance (``address="local"``: never attach to some other cluster found on the machine)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _node_ip_address="127.0.0.1")
+    if ray.is_initialized():
+        return
+    addr = os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _node_ip_address="127.0.0.1")
 
 
 def _prepare_out(out: Path, recipe: Recipe, plan: ShardPlan, overwrite: bool) -> None:
