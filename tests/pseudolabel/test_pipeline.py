@@ -119,3 +119,37 @@ def test_killed_run_then_rerun_matches_uninterrupted(sample_store: Path, tmp_pat
     assert len(a) + resumed.quarantined == 18 and list(a) == list(b)       # same rows, same order, no dups
     assert all(a[k] == b[k] for k in a)                                     # identical masks
     assert open_label_store(killed).complete
+
+
+def _tiny_checkpoint(root: Path, method: str) -> Path:
+    import torch
+
+    from raysemiseg.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
+    from raysemiseg.methods.base import get_method
+    from raysemiseg.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    params = {"head_hidden": 16} if method == "strong_only" else {}
+    cfg = TrainConfig(data=DataConfig(store=str(root)), model=ModelConfig(backbone="tiny", pretrained=False),
+                      method=MethodConfig(name=method, params=params))
+    m = get_method(method)(builtin("voc21"), cfg.model, cfg.method.build_params())
+    return save_checkpoint(root / method, m, cfg, builtin("voc21"))
+
+
+@pytest.mark.parametrize("recipe_name,method", [("cam_diffusion_crf", "cam_classifier"), ("em_adapt_crf", "strong_only"),
+                                                ("em_fixed", "strong_only")])
+def test_model_recipes_end_to_end(sample_store: Path, tmp_path: Path, recipe_name: str, method: str) -> None:
+    ckpt = _tiny_checkpoint(tmp_path, method)
+    recipe = load_recipe(RECIPES / f"{recipe_name}.yaml", {"max_rows": 4, "rows_per_shard": 2})
+    res = run_pipeline(recipe, sample_store, tmp_path / "labels", checkpoint=str(ckpt), progress=False)
+    assert (res.rows_in, res.written, res.quarantined) == (4, 4, 0)
+    img = {r["image_id"]: r for r in open_store(sample_store).read_table(["image_id", "labels", "height", "width"]).to_pylist()}
+    for row in open_label_store(tmp_path / "labels").read_table().to_pylist():
+        src = img[row["image_id"]]
+        mask = decode_mask(row["mask"])
+        assert mask.shape == (src["height"], src["width"]) and set(np.unique(mask)) <= {0, *src["labels"]}
+        prov = json.loads(row["provenance"])
+        assert prov["checkpoint_sha256"] and len(prov["checkpoint_sha256"]) == 64
+        assert {s["name"] for s in prov["stages"]} <= set(json.loads(row["timings"]))
+    with pytest.raises(ValueError, match="--checkpoint"):
+        run_pipeline(recipe, sample_store, tmp_path / "nockpt", progress=False)
