@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
                       "val_miou": result.metrics.get("val_miou"), "epoch": result.metrics.get("epoch"),
+                      "num_workers": result.metrics.get("num_workers"), "num_nodes": result.metrics.get("num_nodes"),
                       "mlflow_run_id": result.mlflow_run_id, "tracking_uri": result.tracking_uri}))
     return 0
 
