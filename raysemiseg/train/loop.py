@@ -279,14 +279,20 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
     return cm.compute()
 
 
-def count_nodes(node_rank: int, device: torch.device) -> int:
-    """Number of distinct nodes in the worker group (max node rank + 1, one all_reduce)."""
+def count_nodes(device: torch.device) -> int:
+    """Number of distinct Ray nodes (by node id) hosting the worker group (one all_gather).
+
+    Node ids, not IPs: several raylets on one machine (a test cluster) count as several nodes.
+    """
+    import ray
+
     _, world = _world()
+    node = ray.get_runtime_context().get_node_id()
     if world == 1:
         return 1
-    t = torch.tensor([node_rank], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item()) + 1
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, node)
+    return len(set(ids))
 
 
 def normalisation(method: nn.Module) -> tuple[Any, Any]:
@@ -364,7 +370,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
                            cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
     val_shard = ray.train.get_dataset_shard("val")
-    num_nodes = count_nodes(ctx.get_node_rank(), device)
+    num_nodes = count_nodes(device)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.perf_counter()
