@@ -32,7 +32,8 @@ class TrainResult:
         best_checkpoint: directory of the checkpoint with the highest val mIoU kept.
         latest_checkpoint: directory of the last reported checkpoint.
         metrics: the last reported metrics (rank 0).
-        history: every epoch's metrics reported in this invocation (empty on a no-op resume).
+        history: the metrics of the checkpoints Ray Train kept (``num_to_keep``, best by val
+            mIoU); the full per-epoch curves are in MLflow.
         mlflow_run_id / tracking_uri: where the run is tracked (None when tracking is off).
     """
 
@@ -162,7 +163,7 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
         raise
     storage = local_path(cfg.run.storage_path)
     run_dir = (storage / cfg.run.name) if storage is not None else Path(cfg.run.storage_path) / cfg.run.name
-    best = result.best_checkpoints[0][0] if result.best_checkpoints else None
+    best = None
     if result.best_checkpoints:
         best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", float("-inf")))[0]
     latest = Path(result.checkpoint.path) if result.checkpoint is not None else None

@@ -193,7 +193,9 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
                     poly_power: float, device: torch.device, amp: bool, grad_clip: float | None,
                     mean: Any, std: Any, fault_step: int | None = None, fault_marker: str | None = None,
                     warmup_steps: int = 2) -> dict[str, float]:
-    """Run ``steps`` optimisation steps; returns averaged losses, lr and steady-state images/s.
+    """Run ``steps`` optimisation steps; returns averaged losses (``train/<name>``, ``train/loss``),
+    the mean fraction of strong rows per batch (``train/strong_fraction``), lr and steady-state
+    images/s.
 
     ``train_images_per_s`` counts only steps after the first ``warmup_steps`` (data pipeline
     start-up, allocator warm-up) when the epoch has more steps than that.
@@ -222,6 +224,7 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
         for k, v in values.items():
             sums[k] += v
         sums["loss"] += sum(values.values())
+        sums["strong_fraction"] += float(batch.is_strong.float().mean())
         images += batch.images.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)

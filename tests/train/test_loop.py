@@ -22,6 +22,7 @@ def test_train_reports_checkpoints_tracks_and_resumes(ray_session, sample_store,
     # every epoch reported (rank 0 metrics), 2 kept checkpoints, scored by val mIoU
     assert res.metrics["epoch"] == 2 and res.metrics["global_step"] == 4
     assert res.metrics["resumed_from_epoch"] == 0
+    assert res.metrics["train/strong_fraction"] == 1.0   # the sample's rows are all pixel-labelled
     assert 0.0 <= res.metrics["val_miou"] <= 1.0
     assert np.isfinite(res.metrics["train/ce"]) and res.metrics["train/loss"] == res.metrics["train/ce"]
     assert res.best_checkpoint is not None and res.latest_checkpoint is not None
