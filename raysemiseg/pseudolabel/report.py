@@ -78,6 +78,7 @@ def quality_report(label_dirs: Sequence[str | Path], store_path: str | Path, out
         out.mkdir(parents=True, exist_ok=True)
     results = []
     overlay_ids: list[str] | None = None
+    imgs: dict[str, bytes] | None = None
     for d in label_dirs:
         ls = open_label_store(d)
         masks = ls.masks()
@@ -102,8 +103,9 @@ def quality_report(label_dirs: Sequence[str | Path], store_path: str | Path, out
                 if overlay_ids is None:
                     overlay_ids = scored[:num_overlays]
                 ids = [i for i in overlay_ids if i in masks] or scored[:num_overlays]
-                img_t = store.read_table(["image_id", "image"])
-                imgs = dict(zip(img_t.column("image_id").to_pylist(), img_t.column("image").to_pylist()))
+                if imgs is None:
+                    img_t = store.read_table(["image_id", "image"])
+                    imgs = dict(zip(img_t.column("image_id").to_pylist(), img_t.column("image").to_pylist()))
                 samples = [Sample(i, decode_image(imgs[i]), decode_mask(gt[i]), decode_mask(masks[i])) for i in ids]
                 p = out / f"{ls.recipe}_overlays.png"
                 overlay_grid(samples, space).save(p)
