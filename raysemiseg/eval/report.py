@@ -41,10 +41,13 @@ def colorize(mask: np.ndarray, space: LabelSpace) -> np.ndarray:
 
 
 def blend(image: np.ndarray, mask: np.ndarray, space: LabelSpace, alpha: float = 0.6) -> np.ndarray:
-    """Colour ``mask`` over ``image``: (H, W, 3) uint8; ignore pixels keep the image."""
+    """Colour ``mask`` over ``image``: (H, W, 3) uint8; ignore and background pixels keep the image."""
     col = colorize(mask, space).astype(np.float32)
     img = image.astype(np.float32)
-    a = np.where((mask == space.ignore_index)[..., None], 0.0, alpha)
+    clear = mask == space.ignore_index
+    if space.background_id is not None:
+        clear |= mask == space.background_id
+    a = np.where(clear[..., None], 0.0, alpha)
     return (img * (1 - a) + col * a).clip(0, 255).astype(np.uint8)
 
 

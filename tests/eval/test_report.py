@@ -36,7 +36,8 @@ def test_colorize_and_blend_hand_checked() -> None:
     assert c[0, 2].tolist() == [255, 255, 255]
     img = np.full((1, 3, 3), 200, np.uint8)
     b = blend(img, m, SPACE, alpha=0.5)
-    assert b[0, 0].tolist() == [100, 100, 100]            # half black
+    assert b[0, 0].tolist() == [200, 200, 200]            # background keeps the image
+    assert b[0, 1].tolist() == ((200 + SPACE.palette[15].astype(float)) / 2).astype(np.uint8).tolist()
     assert b[0, 2].tolist() == [200, 200, 200]            # ignore keeps the image
 
 
