@@ -120,7 +120,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="pl_bench_"))
-    ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _node_ip_address="127.0.0.1")
     if a.store is None:
         from raysemiseg.data.sample import sample_sources
