@@ -8,14 +8,19 @@ A **recipe** (YAML in ``configs/pseudolabel/``) chains stages; each stage is a p
     bbox_rect    boxes            label                      bbox.bbox_rect
     bbox_seg     boxes            label, confidence          bbox.bbox_seg (clamped dense CRF)
     cam     [M]  image labels     cams, probs, label         cam.class_activation_maps (cam_classifier)
-    diffusion    cams             probs, label               superpixels.self_diffusion
+    lnet_map [M] (none)           agnostic                   lpnet.model.lnet_map (L-Net checkpoint)
+    diffusion    cams [agnostic]  probs, label               superpixels.self_diffusion
     scores  [M]  image labels     scores                     a segmentation checkpoint's logits
     em           scores           probs, label               em.e_step_present (EM-Fixed / EM-Adapt)
     crf          probs            label, confidence          crf.crf_labels (background + present only)
 
 ``[M]`` stages hold a model: they run as callable classes in a Ray Data ``ActorPoolStrategy`` pool
 (``num_gpus`` per actor when the cluster has GPUs), built once per actor from a training checkpoint
-(:func:`raysemiseg.train.checkpoint.load_method`). Consecutive CPU stages are fused into one
+(:func:`raysemiseg.train.checkpoint.load_method`): the run's ``--checkpoint``, or, for ``lnet_map``,
+the stage's own ``checkpoint`` parameter (an ``lnet``/``lnet_pnet`` checkpoint next to the
+``cam_classifier`` one of the ``cam`` stage). ``lnet_map`` gives the class-agnostic map M of
+Xiao et al. 2018 (Sec. 3.1); a later ``diffusion`` stage uses it as the extra feature of Eq. 2
+(``DiffusionParams.agnostic_weight``) whenever it is present. Consecutive CPU stages are fused into one
 ``map_batches`` task (Ray Data task pool, one CPU each), so SLIC + diffusion + CRF of one image run
 back to back in one process while the images are spread over all cores. Every per-image stage works
 on the image's present labels only (P rows), never on the whole label space.
@@ -60,6 +65,7 @@ __all__ = [
     "Recipe",
     "RunResult",
     "STAGES",
+    "LNetMapStageParams",
     "StageSpec",
     "load_recipe",
     "plan_shards",
@@ -93,6 +99,20 @@ class CamStageParams(_Strict):
     """
 
     bg_score: float = Field(0.25, ge=0.0, le=1.0)
+    input_scale: float = Field(1.0, gt=0.0, le=2.0)
+
+
+class LNetMapStageParams(_Strict):
+    """``lnet_map`` stage: the L-Net class-agnostic map M = sigmoid(L-Net(x)) in [0, 1], (H, W).
+
+    Attributes:
+        checkpoint: checkpoint directory of an ``lnet`` / ``lnet_pnet`` method; None = the run's
+            ``--checkpoint`` (also settable per run with ``run_pipeline(stage_checkpoints=...)``).
+        input_scale: the image is resized by this factor before L-Net (M is returned at full
+            resolution, bilinear).
+    """
+
+    checkpoint: str | None = None
     input_scale: float = Field(1.0, gt=0.0, le=2.0)
 
 
@@ -140,6 +160,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in (
     StageDef("bbox_seg", _lazy("raysemiseg.pseudolabel.bbox", "BboxSegParams"), False, frozenset(),
              frozenset({"label", "conf"})),
     StageDef("cam", lambda: CamStageParams, True, frozenset(), frozenset({"cams", "probs", "label"})),
+    StageDef("lnet_map", lambda: LNetMapStageParams, True, frozenset(), frozenset({"agnostic"})),
     StageDef("diffusion", _lazy("raysemiseg.pseudolabel.superpixels", "DiffusionParams"), False,
              frozenset({"cams"}), frozenset({"probs", "label"})),
     StageDef("scores", lambda: ScoresStageParams, True, frozenset(), frozenset({"scores"})),
@@ -222,6 +243,32 @@ class Recipe(_Strict):
     @property
     def needs_model(self) -> bool:
         return any(STAGES[s.name].model for s in self.stages)
+
+    @property
+    def needs_run_checkpoint(self) -> bool:
+        """Some model stage loads the run's checkpoint (not its own ``checkpoint`` parameter)."""
+        return any(STAGES[s.name].model and not s.params.get("checkpoint") for s in self.stages)
+
+    def stage_checkpoints(self) -> dict[str, str]:
+        """``{stage name: checkpoint}`` of the stages that name their own checkpoint."""
+        return {s.name: str(s.params["checkpoint"]) for s in self.stages if s.params.get("checkpoint")}
+
+    def with_stage_checkpoints(self, stage_checkpoints: dict[str, str] | None) -> "Recipe":
+        """A copy with ``checkpoint`` set in the params of the named stages.
+
+        Raises:
+            ValueError: a named stage is not in the recipe or takes no checkpoint.
+        """
+        if not stage_checkpoints:
+            return self
+        names = {s.name for s in self.stages}
+        for n in stage_checkpoints:
+            if n not in names or "checkpoint" not in STAGES[n].params().model_fields:
+                raise ValueError(f"recipe {self.name!r}: stage_checkpoints names {n!r}, which is not a stage of the "
+                                 f"recipe taking a checkpoint")
+        stages = [StageSpec(name=s.name, params={**s.params, "checkpoint": str(stage_checkpoints[s.name])})
+                  if s.name in stage_checkpoints else s for s in self.stages]
+        return Recipe.model_validate({**self.model_dump(), "stages": [s.model_dump() for s in stages]})
 
     def digest(self) -> str:
         """SHA-256 (first 16 hex) of the recipe's content (name, stages, selection, sharding)."""
@@ -337,7 +384,8 @@ def _run_cpu_stage(name: str, params: BaseModel, row: dict[str, Any], img: np.nd
     elif name == "diffusion":
         from raysemiseg.pseudolabel.superpixels import self_diffusion
 
-        lab, q = self_diffusion(img, st["cams"], st["fg_ids"], bg, params)  # type: ignore[arg-type]
+        lab, q = self_diffusion(img, st["cams"], st["fg_ids"], bg, params,  # type: ignore[arg-type]
+                                agnostic=st.get("agnostic"))
         st["label"] = lab
         st["probs"] = (q / np.maximum(q.sum(axis=0, keepdims=True), 1e-8)).astype(np.float32)
         st["ids"] = np.r_[bg, st["fg_ids"]].astype(np.int64)
@@ -456,9 +504,9 @@ def _finalize(rows: list[dict[str, Any]], save_confidence: bool) -> pa.Table:
 
 
 class _ModelStage:
-    """A model stage (``cam`` or ``scores``) as a Ray Data callable class (one model per actor)."""
+    """A model stage (``cam``, ``scores`` or ``lnet_map``) as a Ray Data callable class (one model per actor)."""
 
-    def __init__(self, name: str, params: dict[str, Any], checkpoint: str, ctx: _Ctx, use_gpu: bool) -> None:
+    def __init__(self, name: str, params: dict[str, Any], checkpoint: str | None, ctx: _Ctx, use_gpu: bool) -> None:
         import torch
 
         from raysemiseg.train.checkpoint import load_method
@@ -467,10 +515,21 @@ class _ModelStage:
         self.params = STAGES[name].params()(**params)
         self.ctx = ctx
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        checkpoint = getattr(self.params, "checkpoint", None) or checkpoint
+        if not checkpoint:
+            raise ValueError(f"model stage {name!r} has no checkpoint (pass --checkpoint or the stage's checkpoint)")
         self.method, _, _ = load_method(checkpoint, device=self.device)
+        self._backbone = self.method.backbone if hasattr(self.method, "backbone") else None
         if name == "cam" and not hasattr(self.method, "cams"):
             raise ValueError(f"checkpoint {checkpoint} holds method {self.method.name!r}; the cam stage "
                              f"needs a 'cam_classifier' checkpoint")
+        if name == "lnet_map":
+            from raysemiseg.methods.lpnet.model import LNet
+
+            if not isinstance(self.method, LNet):
+                raise ValueError(f"checkpoint {checkpoint} holds method {self.method.name!r}, which has no L-Net; "
+                                 f"the lnet_map stage needs an 'lnet' or 'lnet_pnet' checkpoint")
+            self._backbone = self.method.lnet_backbone
 
     def _tensor(self, img: np.ndarray):
         import torch
@@ -482,7 +541,7 @@ class _ModelStage:
         s = float(self.params.input_scale)  # type: ignore[attr-defined]
         if s != 1.0:
             x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-        return normalize(x, self.method.backbone)
+        return normalize(x, self._backbone)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -513,6 +572,13 @@ class _ModelStage:
                     st["ids"] = np.r_[bg, fg].astype(np.int64)
                     st["probs"] = score / np.maximum(score.sum(axis=0, keepdims=True), 1e-8)
                     st["label"] = st["ids"][score.argmax(axis=0)]
+                elif self.name == "lnet_map":
+                    from raysemiseg.methods.lpnet.model import lnet_map
+
+                    m = lnet_map(self.method, x)[:, None]                                     # (1, 1, h', w')
+                    if m.shape[-2:] != (h, w):
+                        m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+                    st["agnostic"] = m[0, 0].clamp(0, 1).cpu().numpy().astype(np.float32)
                 else:
                     ids = np.r_[bg, fg].astype(np.int64)
                     rows_t = torch.as_tensor(ids, device=self.device)
@@ -605,12 +671,14 @@ def _package_version() -> str:
 
 
 def _provenance(recipe: Recipe, checkpoint: str | None, space: Any, store_path: Path) -> dict[str, Any]:
+    own = recipe.stage_checkpoints()
     return {
         "recipe": recipe.name,
         "recipe_hash": recipe.digest(),
         "stages": [{"name": s.name, "params": s.build_params().model_dump(mode="json")} for s in recipe.stages],
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "checkpoint_sha256": checkpoint_hash(checkpoint) if recipe.needs_model else None,
+        "checkpoint_sha256": checkpoint_hash(checkpoint) if recipe.needs_run_checkpoint else None,
+        "stage_checkpoints": {n: {"path": c, "sha256": checkpoint_hash(c)} for n, c in sorted(own.items())},
         "package_version": _package_version(),
         "label_space": space.name,
         "image_store": str(store_path),
@@ -695,7 +763,8 @@ def _prepare_out(out: Path, recipe: Recipe, plan: ShardPlan, overwrite: bool) ->
 
 
 def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, checkpoint: str | None = None,
-                 overwrite: bool = False, num_cpus: int | None = None, progress: bool = True) -> RunResult:
+                 overwrite: bool = False, num_cpus: int | None = None, progress: bool = True,
+                 stage_checkpoints: dict[str, str] | None = None) -> RunResult:
     """Run ``recipe`` over the image store at ``store_path`` on Ray Data, writing the label store ``out``.
 
     Resumable: committed shards of an earlier run of the same recipe on the same rows are skipped.
@@ -708,6 +777,9 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
         overwrite: replace an existing label store of another recipe / store state.
         num_cpus: CPUs of the local Ray instance when this call starts one (None = all).
         progress: tqdm bar over the rows.
+        stage_checkpoints: ``{stage: checkpoint}`` for stages with their own checkpoint (e.g.
+            ``{"lnet_map": LNET_DIR}``); overrides the recipe's stage parameter (and so enters the
+            recipe hash and provenance).
 
     Returns:
         :class:`RunResult`.
@@ -725,12 +797,13 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
     from raysemiseg.pseudolabel.store import clean_partial, committed_shards, write_manifest, write_shard
 
     t_start = time.perf_counter()
+    recipe = recipe.with_stage_checkpoints(stage_checkpoints)
     store = open_store(store_path)
     space = store.label_space
     if space.background_id is None:
         raise ValueError(f"label space {space.name!r} has no background class; pseudo-label recipes need one")
     checkpoint = checkpoint or recipe.checkpoint
-    if recipe.needs_model and not checkpoint:
+    if recipe.needs_run_checkpoint and not checkpoint:
         raise ValueError(f"recipe {recipe.name!r} has a model stage; pass --checkpoint CHECKPOINT_DIR")
     out = Path(out)
     plan = plan_shards(store, recipe)
@@ -775,7 +848,8 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
                     ds = ds.map_batches(_ModelStage, batch_size=recipe.batch_size, batch_format="pyarrow",
                                         compute=ActorPoolStrategy(size=recipe.model_actors),
                                         num_gpus=gpus, num_cpus=recipe.cpus_per_task,
-                                        fn_constructor_kwargs={"name": name, "params": params, "checkpoint": str(checkpoint),
+                                        fn_constructor_kwargs={"name": name, "params": params,
+                                                               "checkpoint": str(checkpoint) if checkpoint else None,
                                                                "ctx": ctx, "use_gpu": use_gpu})
             expected = {k: len(plan.shards[k]) for k in pending}
             buf: dict[int, list[dict[str, Any]]] = {k: [] for k in pending}
@@ -865,7 +939,7 @@ def _finish(out: Path, recipe: Recipe, plan: ShardPlan, manifest: dict[str, Any]
 # ------------------------------------------------------------------------------------------
 # serial (one process, no Ray): the reference and the benchmark's baseline
 def run_serial(recipe: Recipe, rows: Sequence[dict[str, Any]], background_id: int, num_classes: int, *,
-               checkpoint: str | None = None) -> list[dict[str, Any]]:
+               checkpoint: str | None = None, stage_checkpoints: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run the recipe's stages over image-store rows in this process, one after the other.
 
     Args:
@@ -873,18 +947,20 @@ def run_serial(recipe: Recipe, rows: Sequence[dict[str, Any]], background_id: in
         rows: image-store rows as dicts (``image_id, source, image, labels, boxes, height, width``).
         background_id, num_classes: of the store's label space.
         checkpoint: for model stages.
+        stage_checkpoints: as in :func:`run_pipeline`.
 
     Returns:
         one dict per row: ``image_id``, ``mask`` (PNG bytes or None), ``confidence``, ``timings``
         (JSON), ``q_stage``, ``q_reason``.
     """
     ctx = _Ctx(background_id, num_classes)
+    recipe = recipe.with_stage_checkpoints(stage_checkpoints)
     ckpt = checkpoint or recipe.checkpoint
     models = {}
     for kind, stages in _groups(recipe):
         if kind == "model":
             name, params = stages[0]
-            models[name] = _ModelStage(name, params, str(ckpt), ctx, use_gpu=False)
+            models[name] = _ModelStage(name, params, str(ckpt) if ckpt else None, ctx, use_gpu=False)
     flow = [dict(r, shard=0, state=None, timings="{}", q_stage="", q_reason="") for r in rows]
     for kind, stages in _groups(recipe):
         if kind == "model":
