@@ -2,7 +2,7 @@
 
 ::
 
-    raysemiseg pseudolabel RECIPE.yaml --store STORE --out LABELS [--checkpoint CKPT] [--overwrite]
+    raysemiseg pseudolabel RECIPE.yaml --store STORE --out LABELS [--checkpoint CKPT] [--stage-checkpoint STAGE=DIR] [--overwrite]
                            [--num-cpus N] [--max-rows N] [--rows-per-shard N] [--no-progress]
     raysemiseg pseudolabel report LABELS [LABELS ...] --store STORE [--out DIR] [--overlays N] [--mlflow]
 """
@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
                                                "report: folder for tables, overlays and summary")
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint", default=None, help="training checkpoint directory for model stages")
+    g.add_argument("--stage-checkpoint", action="append", default=[], metavar="STAGE=DIR",
+                   help="checkpoint of one model stage, e.g. lnet_map=runs/lnet/checkpoint_X (repeatable)")
     g.add_argument("--overwrite", action="store_true", help="replace a label store of another recipe/store state")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance if one is started")
     g.add_argument("--max-rows", type=int, default=None, help="label only the first N selected rows (smoke runs)")
@@ -53,6 +55,23 @@ def main(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+def parse_stage_checkpoints(values: list[str]) -> dict[str, str]:
+    """``["lnet_map=DIR", ...]`` -> ``{"lnet_map": "DIR"}``.
+
+    Raises:
+        ValueError: a value without ``=``, with an empty side, or a stage named twice (names the value).
+    """
+    out: dict[str, str] = {}
+    for v in values:
+        stage, sep, path = v.partition("=")
+        if not sep or not stage.strip() or not path.strip():
+            raise ValueError(f"--stage-checkpoint {v!r}: expected STAGE=DIR, e.g. lnet_map=runs/lnet/checkpoint_X")
+        if stage in out:
+            raise ValueError(f"--stage-checkpoint: stage {stage!r} given twice")
+        out[stage.strip()] = path.strip()
+    return out
+
+
 def _run(a: argparse.Namespace) -> int:
     from raysemiseg.pseudolabel.pipeline import load_recipe, run_pipeline
 
@@ -65,7 +84,7 @@ def _run(a: argparse.Namespace) -> int:
         over["splits"] = a.splits
     recipe = load_recipe(a.recipe, over)
     r = run_pipeline(recipe, a.store, a.out, checkpoint=a.checkpoint, overwrite=a.overwrite, num_cpus=a.num_cpus,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, stage_checkpoints=parse_stage_checkpoints(a.stage_checkpoint) or None)
     print(f"pseudolabel {recipe.name}: {r.rows_in} rows in -> {r.written} labelled + {r.quarantined} quarantined; "
           f"shards {r.shards_run} run, {r.shards_skipped} already done, of {r.shards_total}; {r.seconds:.1f} s -> {r.out}")
     if r.stage_seconds:
