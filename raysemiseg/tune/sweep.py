@@ -460,10 +460,17 @@ def result_rows(grid: Any, sweep: SweepConfig, max_t: int) -> list[dict[str, Any
         epochs = len(hist)
         best = (max(hist) if sweep.mode == "max" else min(hist)) if hist else None
         status = "error" if res.error else ("finished" if epochs >= max_t else "early-stopped")
+        # Tune's own per-epoch record of the IoU metrics: the source for child runs whose MLflow
+        # callback was cut off when the scheduler stopped the trial (see reconcile_children)
+        history: list[dict[str, float]] = []
+        if df is not None and sweep.metric in getattr(df, "columns", []):
+            cols = [c for c in df.columns if c == "val_miou" or str(c).startswith("val_iou/")]
+            for _, rec in df[cols].iterrows():
+                history.append({c: float(v) for c, v in rec.items() if isinstance(v, (int, float)) and v == v})
         trial = str((res.metrics or {}).get("trial_id") or (Path(res.path).name if res.path else "?"))
         rows.append({"trial": trial, "sampled": sampled, "values": resolve_values(sampled, sweep.derived),
                      "epochs": epochs, "last": hist[-1] if hist else None, "best": best, "status": status,
-                     "error": str(res.error)[:300] if res.error else None})
+                     "error": str(res.error)[:300] if res.error else None, "history": history})
     rows.sort(key=lambda r: (r["best"] is None, -(r["best"] or 0.0) if sweep.mode == "max" else (r["best"] or 0.0)))
     return rows
 
@@ -506,11 +513,16 @@ def reconcile_children(parent: Any, rows: list[dict[str, Any]]) -> None:
         row = by_id.get(run.data.tags.get("raysemiseg.trial_id", ""))
         if row is None or row["status"] == "error" or run.info.status == "FINISHED":
             continue
+        from raysemiseg.tune.tracking import log_metrics
+
+        if "val_miou" not in run.data.metrics and row.get("history"):
+            # the trial was stopped before its MLflow callback logged: replay Tune's record
+            for epoch, rec in enumerate(row["history"], start=1):
+                log_metrics(c, run.info.run_id, rec, step=epoch)
+            run = c.get_run(run.info.run_id)
         if not any(k.startswith("final/") for k in run.data.metrics):
             final = {k: v for k, v in run.data.metrics.items() if k == "val_miou" or k.startswith("val_iou/")}
             if final:
-                from raysemiseg.tune.tracking import log_metrics
-
                 log_metrics(c, run.info.run_id, {f"final/{k}": v for k, v in final.items()}, step=row["epochs"])
                 c.log_text(run.info.run_id, iou_text(final), "final_iou.txt")
         early = row["status"] == "early-stopped"

@@ -115,3 +115,25 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
     best = result.rows[0]
     assert cfg.method.params["b_fg"] == best["values"]["method.params.b_fg"]
     assert cfg.run.storage_path == str(tmp_path / "runs")
+
+
+def test_reconcile_replays_tune_record_when_callback_was_cut_off(tmp_path):
+    """A trial stopped by ASHA before its MLflow callback logged gets Tune's record replayed."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from raysemiseg.tune.sweep import reconcile_children
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("rec", artifact_location=str(tmp_path / "art"))
+    parent = c.create_run(exp)
+    child = c.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "raysemiseg.trial_id": "t1"})
+    c.set_terminated(child.info.run_id, status="FAILED")        # the interrupted trial function
+    rows = [{"trial": "t1", "status": "early-stopped", "epochs": 2,
+             "history": [{"val_miou": 0.25, "val_iou/person": 0.4}, {"val_miou": 0.5, "val_iou/person": 0.75}]}]
+    reconcile_children(SimpleNamespace(client=c, experiment="rec", run_id=parent.info.run_id), rows)
+    run = c.get_run(child.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["raysemiseg.early_stopped"] == "true"
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "val_miou")] == [0.25, 0.5]
+    assert run.data.metrics["final/val_miou"] == 0.5 and run.data.metrics["final/val_iou/person"] == 0.75
