@@ -12,24 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raysemiseg.methods.losses import masked_cross_entropy  # noqa: F401 (re-exported)
+
 #: logit given to classes that are not among an image's identified labels (fp16-safe)
 ABSENT_LOGIT = -1.0e4
-
-
-def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
-    """Pixel-mean cross-entropy that is 0 (not NaN) when every pixel is ``ignore_index``.
-
-    Args:
-        logits: (N, C, H, W) float logits.
-        target: (N, H, W) int64 class ids in ``0..C-1`` or ``ignore_index``.
-
-    Returns:
-        Scalar: sum of per-pixel CE over valid pixels / max(1, number of valid pixels). Keeps the
-        graph attached (a zero that still reaches every parameter of ``logits``).
-    """
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    valid = (target != ignore_index).sum().clamp_min(1)
-    return loss / valid
 
 
 def present_pairs(image_labels: Tensor, fg_ids: Tensor, rows: Tensor | None = None,

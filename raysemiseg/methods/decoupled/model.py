@@ -184,8 +184,7 @@ class DecoupledNet(Method):
         Raises:
             ValueError: unknown stage, listing the valid ones.
         """
-        if stage not in self.STAGES:
-            raise ValueError(f"method {self.name!r} has no stage {stage!r}; valid: {list(self.STAGES)}")
+        super().set_stage(stage)  # validates against STAGES
         self.stage = stage
         for m in self._classifier_modules():
             m.requires_grad_(stage != "segment")

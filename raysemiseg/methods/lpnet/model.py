@@ -169,8 +169,7 @@ class LNet(Method):
         Raises:
             ValueError: unknown stage, listing the valid ones.
         """
-        if stage not in self.STAGES:
-            raise ValueError(f"method {self.name!r} has no stage {stage!r}; valid: {list(self.STAGES)}")
+        super().set_stage(stage)  # validates against STAGES
         self.stage = stage
         self.requires_grad_(False)
         for m in self._stage_modules()[stage]:

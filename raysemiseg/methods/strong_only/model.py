@@ -16,6 +16,7 @@ from torch import Tensor
 
 from raysemiseg.labels import LabelSpace
 from raysemiseg.methods.base import Batch, Method, MethodParams, register
+from raysemiseg.methods.losses import masked_cross_entropy
 from raysemiseg.models.backbones import build_backbone
 from raysemiseg.models.heads import LargeFOVHead
 
@@ -71,7 +72,4 @@ class StrongOnly(Method):
         else:
             images = batch.images
             target = torch.full_like(batch.masks, self.ignore_index)
-        logits = F.interpolate(self.logits(images), size=target.shape[-2:], mode="bilinear", align_corners=False)
-        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
-        count = (target != self.ignore_index).sum().clamp(min=1)
-        return {"ce": total / count}
+        return {"ce": masked_cross_entropy(self.logits(images), target, self.ignore_index)}

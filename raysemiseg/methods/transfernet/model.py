@@ -131,8 +131,7 @@ class TransferNet(Method):
         Raises:
             ValueError: unknown stage, listing the valid ones.
         """
-        if stage not in self.STAGES:
-            raise ValueError(f"method {self.name!r} has no stage {stage!r}; valid: {list(self.STAGES)}")
+        super().set_stage(stage)  # validates against STAGES
         self.stage = stage
         self.backbone.requires_grad_(not self.params.freeze_encoder)
         self.decoder.requires_grad_(stage != "attention")

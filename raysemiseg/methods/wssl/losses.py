@@ -1,49 +1,18 @@
 """Losses and target selection of WSSL (Papandreou et al., ICCV 2015), shared with dual-branch.
 
 The M-step of Alg. 1 is plain per-pixel cross-entropy against the current targets; this module
-holds the one masked cross-entropy used by ``wssl``, ``dual_branch`` and ``single_branch_mixed``
-and the rule that picks each row's target (strong mask, stored pseudo label or online E-step).
+holds the rule that picks each row's target (strong mask, stored pseudo label or online E-step).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from raysemiseg.methods.losses import masked_cross_entropy, upsample_to  # noqa: F401 (re-exported)
 
 #: per-row target source codes returned by :func:`select_targets`
 SOURCE_STRONG, SOURCE_PSEUDO, SOURCE_ESTEP, SOURCE_NONE = 0, 1, 2, 3
-
-
-def upsample_to(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize (N, C, h, w) logits to (N, C, *size) (no-op when already that size)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
-def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
-    """Mean per-pixel cross-entropy over the non-ignored pixels (the M-step loss).
-
-    Args:
-        logits: (N, C, h, w) float class scores; resized bilinearly to the target's (H, W).
-        target: (N, H, W) int64 labels in 0..C-1 or ``ignore_index``.
-        ignore_index: label excluded from the loss (VOC void, rows without supervision).
-
-    Returns:
-        Scalar: ``sum_valid CE / max(#valid, 1)``. With no valid pixel (or no rows) it is an
-        exact 0 that is still connected to the graph, so a batch without rows of one kind never
-        yields NaN and every parameter still receives a (zero) gradient.
-
-    Raises:
-        ValueError: when the batch sizes of ``logits`` and ``target`` differ.
-    """
-    if logits.shape[0] != target.shape[0]:
-        raise ValueError(f"logits rows {logits.shape[0]} != target rows {target.shape[0]}")
-    logits = upsample_to(logits, tuple(target.shape[-2:]))
-    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    count = (target != ignore_index).sum().clamp(min=1)
-    return total / count
 
 
 def has_labels(masks: Tensor, ignore_index: int = 255) -> Tensor:
