@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "raysemiseg.tune.commands",
     "raysemiseg.train.commands",
     "raysemiseg.eval.commands",
+    "raysemiseg.experiment",
     "raysemiseg.quickstart",
 )
 

@@ -83,8 +83,9 @@ def overlay_grid(samples: Sequence[Sample], space: LabelSpace, tile: int = 200) 
 
 
 def iou_bar_chart(result: EvalResult, path: str | Path, title: str | None = None,
-                  compare: dict[str, EvalResult] | None = None) -> Path:
-    """Per-class IoU bars (percent) for ``result`` (and optional named comparisons side by side).
+                  compare: dict[str, EvalResult] | None = None, name: str = "model") -> Path:
+    """Per-class IoU bars (percent) for ``result`` (called ``name``) and optional named comparisons
+    side by side.
 
     Classes excluded (NaN) in every result are left out.
     """
@@ -93,7 +94,7 @@ def iou_bar_chart(result: EvalResult, path: str | Path, title: str | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = {"model": result, **(compare or {})}
+    results = {name: result, **(compare or {})}
     space = result.label_space
     ious = np.stack([r.metrics.iou for r in results.values()])
     keep = [k for k in range(space.num_classes) if np.isfinite(ious[:, k]).any()]
