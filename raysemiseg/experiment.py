@@ -20,8 +20,9 @@ Every step is resumable: a training step whose ``step.json`` exists is skipped; 
 from its last Ray Train checkpoint (same run name); pseudo-label stores skip committed shards.
 
 Placeholders in string values of ``set``: ``{workdir}``, ``{store}``, ``{split_file}``,
-``{labels.NAME}`` (a pseudo-label store), ``{prev}`` (the best checkpoint of the arm's previous
-training step).
+``{labels.NAME}`` (a pseudo-label store, shared or made by an earlier arm step), ``{prev}`` (the best
+checkpoint of the arm's previous training step), ``{step.NAME}`` (the checkpoint of the arm's step
+NAME) and ``{arms.ARM.NAME}`` (step NAME of an earlier arm, e.g. to reuse its L-Net).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pydantic import Field, model_validator
 
 from raysemiseg.config import StrictModel, TrainConfig, load_config
 
-_PLACEHOLDER = re.compile(r"\{([a-z_]+(?:\.[A-Za-z0-9_\-]+)?)\}")
+_PLACEHOLDER = re.compile(r"\{([a-z_]+(?:\.[A-Za-z0-9_\-]+)*)\}")
 
 
 def _say(msg: str) -> None:
@@ -356,6 +357,48 @@ def _run_labels(ld: LabelsDef, env: dict[str, str], out: Path, num_cpus: int | N
     return out
 
 
+def plan_experiment(ecfg: ExperimentConfig) -> list[tuple[str, str, Any]]:
+    """Resolve every step without running anything: ``[(arm, step, TrainConfig | Recipe)]``.
+
+    Placeholders get stand-in paths (``<step.cam>``...), so every train config (method parameters
+    included) and every recipe is validated before hours of training.
+
+    Raises:
+        ConfigError / ValueError: an invalid step config or recipe (naming the arm and step).
+        KeyError: an unknown placeholder, or one referring to a later step.
+    """
+    from raysemiseg.pseudolabel.pipeline import load_recipe
+
+    work = Path(ecfg.workdir).resolve()
+    env = {"workdir": str(work), "store": str(Path(ecfg.store.path).resolve())}
+    if ecfg.split is not None:
+        env["split_file"] = str(work / "split.parquet")
+    plan: list[tuple[str, str, Any]] = []
+    for ld in ecfg.labels:
+        plan.append(("(shared)", ld.name, load_recipe(resolve_path(substitute(ld.recipe, env)),
+                                                      substitute(ld.set, env) or None)))
+        env[f"labels.{ld.name}"] = f"<labels.{ld.name}>"
+    for arm in ecfg.arms:
+        aenv = dict(env)
+        for step in arm.steps:
+            where = f"experiment {ecfg.name!r}, arm {arm.name!r}, step {step.name!r}"
+            try:
+                if step.labels is not None:
+                    substitute([ld for ld in (step.labels.checkpoint, step.labels.stage_checkpoints) if ld], aenv)
+                    item: Any = load_recipe(resolve_path(substitute(step.labels.recipe, aenv)),
+                                            substitute(step.labels.set, aenv) or None)
+                    aenv[f"labels.{step.labels.name}"] = env[f"labels.{step.labels.name}"] = f"<labels.{step.labels.name}>"
+                else:
+                    item = _train_config(ecfg, step, arm.name, aenv, work)
+                    item.method.build_params()
+                    aenv["prev"] = aenv[f"step.{step.name}"] = f"<{arm.name}.{step.name}>"
+                    env[f"arms.{arm.name}.{step.name}"] = aenv["prev"]
+            except (ValueError, KeyError) as e:
+                raise type(e)(f"{where}: {e.args[0] if e.args else e}") from None
+            plan.append((arm.name, step.name, item))
+    return plan
+
+
 def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
     """Run every arm of ``ecfg`` and write the comparison (see the module docstring).
 
@@ -373,6 +416,7 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
     from raysemiseg.train.driver import ensure_ray
     from raysemiseg.tune.tracking import Tracker
 
+    plan_experiment(ecfg)  # fail fast on a bad step, before any training
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     work = Path(ecfg.workdir).resolve()
@@ -399,8 +443,7 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
 
     parent = None
     if ecfg.experiment_tracking:
-        probe = _train_config(ecfg, next(s for s in ecfg.arms[0].steps if s.train is not None), ecfg.arms[0].name,
-                              {**env, "prev": ""}, work)
+        probe = _train_config(ecfg, StepDef(name="probe", train={}), ecfg.arms[0].name, env, work)
         if probe.tracking.enabled:
             parent = Tracker.for_run(probe.model_copy(update={"run": probe.run.model_copy(update={"name": ecfg.name})}))
             parent.config = None
@@ -422,14 +465,15 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
                     aenv["prev"] = str(last)
                 if step.labels is not None:
                     out = work / "labels" / f"{arm.name}-{step.labels.name}"
-                    aenv[f"labels.{step.labels.name}"] = str(_run_labels(step.labels, aenv, out, ecfg.num_cpus))
-                    steps[step.name] = str(out)
+                    made = str(_run_labels(step.labels, aenv, out, ecfg.num_cpus))
+                    aenv[f"labels.{step.labels.name}"] = env[f"labels.{step.labels.name}"] = made
+                    steps[step.name] = made
                     continue
                 cfg = _train_config(ecfg, step, arm.name, aenv, work)
                 last, dt = _run_train(cfg, work / "steps" / arm.name / step.name,
                                       parent.run_id if parent is not None else None)
                 train_s += dt
-                steps[step.name] = str(last)
+                steps[step.name] = aenv[f"step.{step.name}"] = env[f"arms.{arm.name}.{step.name}"] = str(last)
             assert last is not None
             ev = evaluate_checkpoint(last, store, ecfg.eval_split, crf=ecfg.eval_crf, num_samples=ecfg.num_overlays,
                                      max_rows=ecfg.eval_max_rows)
@@ -480,9 +524,51 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
     return ExperimentResult(arms, table, groups, files, timings, untrained)
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_experiment_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The experiment mapping of ``path``, with ``extends: OTHER.yaml`` resolved: OTHER's mapping
+    (relative to ``path``'s folder, else the repository root) with this file's keys merged on top
+    (mappings merge key by key; lists and scalars replace).
+
+    Raises:
+        FileNotFoundError: ``path`` or an extended file is missing.
+        ValueError: ``extends`` loops.
+    """
+    import yaml
+
+    p = Path(resolve_path(str(path)))
+    if not p.is_file():
+        raise FileNotFoundError(f"experiment file {p} does not exist")
+    if str(p.resolve()) in _seen:
+        raise ValueError(f"experiment {p}: 'extends' loops through {list(_seen)}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    pp = p.parent / parent
+    base = read_experiment_yaml(pp if pp.is_file() else parent, (*_seen, str(p.resolve())))
+    return _deep_merge(base, raw)
+
+
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load and validate an experiment YAML (``overrides``: dotted keys, as ``--set``)."""
-    return load_config(path, model=ExperimentConfig, overrides=overrides)
+    """Load and validate an experiment YAML (``extends`` resolved; ``overrides``: dotted keys, as ``--set``).
+
+    Raises:
+        ConfigError: naming the file and each invalid key.
+        FileNotFoundError / ValueError: see :func:`read_experiment_yaml`.
+    """
+    from raysemiseg.config import ConfigError
+
+    try:
+        return load_config(read_experiment_yaml(path), model=ExperimentConfig, overrides=overrides)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("<dict>", str(path), 1)) from None
 
 
 def register(subparsers: Any) -> None:
@@ -491,6 +577,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("config", help="experiment YAML (configs/experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set set.optim.epochs=2 (YAML value syntax)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print every step, run nothing")
     p.set_defaults(func=_cmd)
 
 
@@ -498,6 +585,15 @@ def _cmd(args: argparse.Namespace) -> int:
     from raysemiseg.quickstart import parse_overrides
 
     ecfg = load_experiment(args.config, parse_overrides(args.set))
+    if args.dry_run:
+        for arm, step, item in plan_experiment(ecfg):
+            if hasattr(item, "method"):
+                what = (f"train {item.method.name} (stage {item.method.stage}), {item.optim.epochs} x "
+                        f"{item.optim.steps_per_epoch or 'one pass'} steps, run {item.run.name}")
+            else:
+                what = f"pseudo labels: recipe {item.name} ({' -> '.join(s.name for s in item.stages)})"
+            print(f"{arm:<20} {step:<14} {what}")
+        return 0
     res = run_experiment(ecfg)
     print()
     print(res.table)

@@ -25,8 +25,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from raysemiseg.config import load_config
-from raysemiseg.experiment import ExperimentConfig, ensure_store, run_experiment  # noqa: F401 (re-export)
+from raysemiseg.experiment import ExperimentConfig, ensure_store, load_experiment, run_experiment  # noqa: F401
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -94,6 +93,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    qcfg = load_config(args.config, model=ExperimentConfig, overrides=parse_overrides(args.set))
+    qcfg = load_experiment(args.config, parse_overrides(args.set))
     run(qcfg, args.config)
     return 0

@@ -135,3 +135,34 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
     res2 = run_experiment(cfg)
     assert [a.checkpoint for a in res2.arms] == [a.checkpoint for a in res.arms]
     assert capsys.readouterr().out.count("done earlier") == 4
+
+
+@pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/experiments/semi_i3s.yaml",
+                                  "configs/experiments/c3s_split1.yaml", "configs/experiments/c3s_split4.yaml"])
+def test_shipped_experiments_resolve_every_step(path) -> None:
+    """Every step of the shipped experiments validates (method params, recipes, placeholders in order)."""
+    from raysemiseg.experiment import load_experiment, plan_experiment
+
+    ecfg = load_experiment(path)
+    plan = plan_experiment(ecfg)
+    trains = [item for _, _, item in plan if hasattr(item, "method")]
+    assert len(trains) == sum(1 for a in ecfg.arms for s in a.steps if s.train is not None)
+    assert {t.label_space for t in trains} == {ecfg.label_space}
+    # the final training step of every arm has the same step budget
+    last = {arm: item for arm, _, item in plan if hasattr(item, "method")}
+    assert len({t.optim.epochs * t.optim.steps_per_epoch for t in last.values()}) == 1
+
+
+def test_extends_merges_and_placeholder_order_is_checked(tmp_path) -> None:
+    from raysemiseg.experiment import load_experiment, plan_experiment
+
+    e4 = load_experiment("configs/experiments/c3s_split4.yaml")
+    e1 = load_experiment("configs/experiments/c3s_split1.yaml")
+    assert (e4.split.split_set, e4.split.kind, e4.label_space) == (4, "c3s", "coco80")
+    assert [a.name for a in e4.arms] == [a.name for a in e1.arms]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: " + str(Path("configs/experiments/c3s_split1.yaml").resolve()) + "\n"
+                   "arms:\n  - name: a\n    steps:\n      - {name: s, train: {method: {name: lnet, params: "
+                   "{init_from: '{step.later}'}}}}\n")
+    with pytest.raises(KeyError, match="arm 'a', step 's'.*step.later"):
+        plan_experiment(load_experiment(bad))
