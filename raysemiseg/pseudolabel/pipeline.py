@@ -14,24 +14,37 @@ A **recipe** (YAML in ``configs/pseudolabel/``) chains stages; each stage is a p
     em           scores           probs, label               em.e_step_present (EM-Fixed / EM-Adapt)
     crf          probs            label, confidence          crf.crf_labels (background + present only)
 
-``[M]`` stages hold a model: they run as callable classes in a Ray Data ``ActorPoolStrategy`` pool
-(``num_gpus`` per actor when the cluster has GPUs), built once per actor from a training checkpoint
-(:func:`raysemiseg.train.checkpoint.load_method`): the run's ``--checkpoint``, or, for ``lnet_map``,
-the stage's own ``checkpoint`` parameter (an ``lnet``/``lnet_pnet`` checkpoint next to the
-``cam_classifier`` one of the ``cam`` stage). ``lnet_map`` gives the class-agnostic map M of
-Xiao et al. 2018 (Sec. 3.1); a later ``diffusion`` stage uses it as the extra feature of Eq. 2
-(``DiffusionParams.agnostic_weight``) whenever it is present. Consecutive CPU stages are fused into one
-``map_batches`` task (Ray Data task pool, one CPU each), so SLIC + diffusion + CRF of one image run
-back to back in one process while the images are spread over all cores. Every per-image stage works
-on the image's present labels only (P rows), never on the whole label space.
+``[M]`` stages hold a model: they run as callable classes in a Ray Data ``ActorPoolStrategy`` pool,
+built once per actor from a training checkpoint (:func:`raysemiseg.train.checkpoint.load_method`):
+the run's ``--checkpoint``, or, for ``lnet_map``, the stage's own ``checkpoint`` parameter (an
+``lnet``/``lnet_pnet`` checkpoint next to the ``cam_classifier`` one of the ``cam`` stage).
+``lnet_map`` gives the class-agnostic map M of Xiao et al. 2018 (Sec. 3.1); a later ``diffusion``
+stage uses it as the extra feature of Eq. 2 (``DiffusionParams.agnostic_weight``) whenever it is
+present. Placement:
+
+- with GPUs: each model stage is its own pool of ``model_actors`` actors (``num_gpus`` each);
+  consecutive CPU stages are fused into one ``map_batches`` task (task pool, ``cpus_per_task``
+  CPUs each);
+- CPU only: the whole chain (read, model stages, CPU stages, encoding) runs in one pool of one actor
+  per ``cpus_per_task`` CPUs (:class:`_Chain`), so every core works on whole images instead of one
+  core holding the single model actor and the others waiting on it;
+- recipes without a model stage: read + fused CPU stages in one task pool.
+
+SLIC + diffusion + CRF of one image always run back to back in one process while the images are
+spread over all cores. Every per-image stage works on the image's present labels only (P rows),
+never on the whole label space.
 
 Sharding and resume (see :mod:`raysemiseg.pseudolabel.store`): the selected rows of the image store,
-in store order, are cut into shards of ``rows_per_shard`` consecutive rows; each pending shard is one
-input item (its rows are read from the store's Parquet files on the worker). The driver collects
-finished rows, and commits a shard atomically once all its rows arrived (written or quarantined).
-A rerun skips committed shards, so a run killed part-way and rerun ends with exactly the rows of an
-uninterrupted run. A per-image failure in any stage sends the image to quarantine with the stage
-and the reason; rows in = rows out + quarantined, per shard and in total.
+in store order, are cut into shards of ``rows_per_shard`` consecutive rows: the **commit unit**
+(resume granularity, one file on disk). Independently, each pending shard is cut into input items
+of ``rows_per_task`` rows (default :func:`auto_rows_per_task`, about 4 per CPU): the **task unit**.
+Each item is one Ray Data block (Ray Data never splits a block across tasks, so one block per shard
+capped the parallelism at the number of shards); its rows are read from the store's Parquet files on
+the worker (each file once per worker). The driver collects finished rows per shard and commits a
+shard atomically once all its rows arrived (written or quarantined), in store order. A rerun skips
+committed shards, so a run killed part-way and rerun ends with exactly the rows of an uninterrupted
+run, whatever the task unit. A per-image failure in any stage sends the image to quarantine with
+the stage and the reason; rows in = rows out + quarantined, per shard and in total.
 
 Provenance (every row and the manifest): recipe name and hash, each stage's parameters, checkpoint
 path and SHA-256 of its weights, package version, label space; per-stage timings (seconds) per row,
@@ -71,6 +84,8 @@ __all__ = [
     "plan_shards",
     "run_pipeline",
     "run_serial",
+    "task_items",
+    "auto_rows_per_task",
 ]
 
 #: set to N to SIGKILL the driver right after the N-th shard of a run is committed (tests only)
@@ -204,7 +219,12 @@ class Recipe(_Strict):
         max_rows: keep only the first this many selected rows (smoke runs; None = all).
         rows_per_shard: rows per committed shard (resume granularity).
         batch_size: rows per ``map_batches`` call.
-        model_actors: actors in each model stage's pool.
+        rows_per_task: rows per Ray Data input block (the task unit; never spans two shards);
+            None = :func:`auto_rows_per_task` (about 4 blocks per CPU). Does not change the output
+            (not part of :meth:`digest`), so it may differ between a run and its resume.
+        model_actors: actors in each model stage's pool when the model stages run on GPUs. On a
+            CPU-only cluster the whole chain runs in one pool of one actor per ``cpus_per_task``
+            CPUs instead (see :func:`run_pipeline`).
         gpus_per_model_actor: GPUs per model actor; None = 1 when the cluster has GPUs, else 0.
         cpus_per_task: CPUs reserved by each CPU-stage task.
         save_confidence: write the ``confidence`` column when a stage gives one.
@@ -219,6 +239,7 @@ class Recipe(_Strict):
     max_rows: int | None = Field(None, ge=1)
     rows_per_shard: int = Field(32, ge=1)
     batch_size: int = Field(4, ge=1)
+    rows_per_task: int | None = Field(None, ge=1)
     model_actors: int = Field(1, ge=1)
     gpus_per_model_actor: float | None = Field(None, ge=0)
     cpus_per_task: float = Field(1.0, gt=0)
@@ -425,19 +446,90 @@ def _stage_list(stages: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str,
 
 # ------------------------------------------------------------------------------------------
 # Ray Data stage callables
-def _read_shards(batch: pa.Table, store_files: list[str]) -> pa.Table:
-    """One item per shard (``shard``, ``file_idx``, ``row_idx`` lists) -> the shard's image rows."""
+@functools.lru_cache(maxsize=2)
+def _store_file_table(path: str, mtime_ns: int, size: int) -> pa.Table:
+    """The image columns of one image-store Parquet file, cached per worker process (the last two
+    files; keyed by path, mtime and size, so a rewritten file is read again)."""
+    return pq.read_table(path, columns=_READ_COLUMNS, schema=IMAGE_STORE_SCHEMA)
+
+
+def _read_chunks(batch: pa.Table, store_files: list[str]) -> pa.Table:
+    """Task items (``shard``, ``file_idx``, ``row_idx`` lists: a chunk of one shard's rows) -> those
+    image rows, each tagged with its shard. A worker reads each store file once and keeps it (see
+    :func:`_store_file_table`), so many small chunks of the same file cost one read."""
     out = []
     for item in batch.to_pylist():
         by_file: dict[int, list[int]] = {}
         for f, r in zip(item["file_idx"], item["row_idx"]):
             by_file.setdefault(f, []).append(r)
         for f, rows in sorted(by_file.items()):
-            t = pq.read_table(store_files[f], columns=_READ_COLUMNS, schema=IMAGE_STORE_SCHEMA).take(rows)
+            st = os.stat(store_files[f])
+            t = _store_file_table(store_files[f], st.st_mtime_ns, st.st_size).take(rows)
             for r in t.to_pylist():
                 r.update(shard=item["shard"], state=None, timings="{}", q_stage="", q_reason="")
                 out.append(r)
     return pa.Table.from_pylist(out, schema=_FLOW_SCHEMA)
+
+
+def task_items(plan: "ShardPlan", pending: Sequence[int], rows_per_task: int) -> list[dict[str, Any]]:
+    """Cut the pending shards into Ray Data input items of at most ``rows_per_task`` rows.
+
+    The shard is the commit unit (resume granularity, one file on disk); the item is the task unit
+    (one input block: Ray Data never splits a block across tasks, so the number of items bounds the
+    parallelism and sets the tail). Items never span two shards.
+
+    Returns:
+        ``[{"shard": k, "file_idx": [...], "row_idx": [...]}]`` in shard order.
+    """
+    if rows_per_task < 1:
+        raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
+    items = []
+    for k in pending:
+        rows = plan.shards[k]
+        for i in range(0, len(rows), rows_per_task):
+            chunk = rows[i:i + rows_per_task]
+            items.append({"shard": k, "file_idx": [f for f, _ in chunk], "row_idx": [r for _, r in chunk]})
+    return items
+
+
+def auto_rows_per_task(recipe: Recipe, rows: int, cpus: float, blocks_per_cpu: int = 4) -> int:
+    """Default task unit: about ``blocks_per_cpu`` input blocks per CPU, so the last blocks are
+    short (small tail) while each task still carries several images (Ray Data's per-task cost).
+
+    Returns:
+        ``ceil(rows / (blocks_per_cpu * cpus))`` rounded up to a multiple of ``recipe.batch_size``,
+        clamped to ``[batch_size, rows_per_shard]`` (>= 1).
+    """
+    per = -(-max(rows, 1) // max(1, int(blocks_per_cpu * max(cpus, 1.0))))
+    per = -(-per // recipe.batch_size) * recipe.batch_size
+    return max(1, min(max(per, recipe.batch_size), recipe.rows_per_shard))
+
+
+class _Chain:
+    """The whole recipe in one Ray Data actor (CPU-only clusters): every model stage loaded once per
+    actor, then each batch runs model and CPU groups in recipe order and is finalised (encoded)."""
+
+    def __init__(self, groups: list[tuple[str, list[tuple[str, dict[str, Any]]]]], checkpoint: str | None,
+                 ctx: _Ctx, save_confidence: bool) -> None:
+        self.ctx = ctx
+        self.save_confidence = save_confidence
+        self.steps: list[tuple[str, Any]] = []
+        for kind, stages in groups:
+            if kind == "model":
+                name, params = stages[0]
+                self.steps.append(("model", _ModelStage(name, params, checkpoint, ctx, use_gpu=False)))
+            else:
+                self.steps.append(("cpu", _stage_list(stages)))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            for kind, step in self.steps:
+                if kind == "model":
+                    step.run_row(row)
+                else:
+                    _cpu_row(row, step, self.ctx)
+        return _finalize(rows, self.save_confidence)
 
 
 def _cpu_group(batch: pa.Table, stages: list[tuple[str, dict[str, Any]]], ctx: _Ctx,
@@ -830,27 +922,39 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
             use_gpu = (recipe.gpus_per_model_actor or 0) > 0 or (
                 recipe.gpus_per_model_actor is None and ray.cluster_resources().get("GPU", 0) > 0)
             gpus = (recipe.gpus_per_model_actor if recipe.gpus_per_model_actor is not None else 1.0) if use_gpu else 0
-            items = [{"shard": k, "file_idx": [f for f, _ in plan.shards[k]], "row_idx": [r for _, r in plan.shards[k]]}
-                     for k in pending]
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            rpt = recipe.rows_per_task or auto_rows_per_task(recipe, sum(len(plan.shards[k]) for k in pending), cpus)
+            items = task_items(plan, pending, rpt)
             ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.map_batches(_read_shards, batch_size=1, batch_format="pyarrow",
-                                fn_kwargs={"store_files": plan.files}, num_cpus=recipe.cpus_per_task)
+            read_kw = {"batch_size": 1, "batch_format": "pyarrow", "fn_kwargs": {"store_files": plan.files}}
             groups = _groups(recipe)
-            for gi, (kind, stages) in enumerate(groups):
-                last = gi == len(groups) - 1
-                if kind == "cpu":
-                    ds = ds.map_batches(_cpu_group, batch_size=recipe.batch_size, batch_format="pyarrow",
-                                        num_cpus=recipe.cpus_per_task,
-                                        fn_kwargs={"stages": stages, "ctx": ctx, "finalize": last,
-                                                   "save_confidence": recipe.save_confidence})
-                else:
-                    name, params = stages[0]
-                    ds = ds.map_batches(_ModelStage, batch_size=recipe.batch_size, batch_format="pyarrow",
-                                        compute=ActorPoolStrategy(size=recipe.model_actors),
-                                        num_gpus=gpus, num_cpus=recipe.cpus_per_task,
-                                        fn_constructor_kwargs={"name": name, "params": params,
-                                                               "checkpoint": str(checkpoint) if checkpoint else None,
-                                                               "ctx": ctx, "use_gpu": use_gpu})
+            ckpt_s = str(checkpoint) if checkpoint else None
+            if recipe.needs_model and not use_gpu:
+                # CPU-only: one actor per CPU runs read + every stage of the chain on its block, so
+                # no CPU waits on a single model actor and no intermediate state crosses processes
+                actors = max(1, min(len(items), int(cpus // recipe.cpus_per_task)))
+                ds = ds.map_batches(_read_chunks, num_cpus=recipe.cpus_per_task, **read_kw)
+                ds = ds.map_batches(_Chain, batch_size=recipe.batch_size, batch_format="pyarrow",
+                                    compute=ActorPoolStrategy(size=actors), num_cpus=recipe.cpus_per_task,
+                                    fn_constructor_kwargs={"groups": groups, "checkpoint": ckpt_s, "ctx": ctx,
+                                                           "save_confidence": recipe.save_confidence})
+            else:
+                ds = ds.map_batches(_read_chunks, num_cpus=recipe.cpus_per_task, **read_kw)
+                for gi, (kind, stages) in enumerate(groups):
+                    last = gi == len(groups) - 1
+                    if kind == "cpu":
+                        ds = ds.map_batches(_cpu_group, batch_size=recipe.batch_size, batch_format="pyarrow",
+                                            num_cpus=recipe.cpus_per_task,
+                                            fn_kwargs={"stages": stages, "ctx": ctx, "finalize": last,
+                                                       "save_confidence": recipe.save_confidence})
+                    else:
+                        name, params = stages[0]
+                        ds = ds.map_batches(_ModelStage, batch_size=recipe.batch_size, batch_format="pyarrow",
+                                            compute=ActorPoolStrategy(size=recipe.model_actors),
+                                            num_gpus=gpus, num_cpus=recipe.cpus_per_task,
+                                            fn_constructor_kwargs={"name": name, "params": params,
+                                                                   "checkpoint": ckpt_s, "ctx": ctx,
+                                                                   "use_gpu": use_gpu})
             expected = {k: len(plan.shards[k]) for k in pending}
             buf: dict[int, list[dict[str, Any]]] = {k: [] for k in pending}
             committed = 0

@@ -153,3 +153,30 @@ def test_model_recipes_end_to_end(sample_store: Path, tmp_path: Path, recipe_nam
         assert {s["name"] for s in prov["stages"]} <= set(json.loads(row["timings"]))
     with pytest.raises(ValueError, match="--checkpoint"):
         run_pipeline(recipe, sample_store, tmp_path / "nockpt", progress=False)
+
+
+def test_task_unit_smaller_than_shard_gives_the_uninterrupted_rows(sample_store: Path, tmp_path: Path) -> None:
+    """rows_per_shard > rows per task: a shard's rows arrive in several Ray Data blocks (tasks) and are
+    committed once all arrived; the store equals a run with one block per shard, row for row."""
+    from raysemiseg.pseudolabel.pipeline import auto_rows_per_task, plan_shards, task_items
+
+    one = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "rows_per_task": 6})
+    many = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "batch_size": 1,
+                                                    "rows_per_task": 2})
+    assert one.digest() == many.digest()                   # the task unit is not part of the output's identity
+    plan = plan_shards(open_store(sample_store), many)
+    items = task_items(plan, [0, 1], 2)
+    assert [it["shard"] for it in items] == [0, 0, 0, 1, 1, 1]            # 3 blocks per shard, never across
+    assert [r for it in items[:3] for r in zip(it["file_idx"], it["row_idx"])] == plan.shards[0]
+    # auto: ~4 blocks per CPU, a multiple of batch_size, within [batch_size, rows_per_shard]
+    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 1}), 96, 2) == 12
+    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 4}), 96, 2) == 12
+    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 8, "batch_size": 4}), 96, 2) == 8
+    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 4}), 5, 2) == 4
+    a = run_pipeline(one, sample_store, tmp_path / "one", progress=False)
+    b = run_pipeline(many, sample_store, tmp_path / "many", progress=False)
+    assert (b.rows_in, b.shards_total, b.written + b.quarantined) == (12, 2, 12)
+    ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "many")
+    assert list(ra) == list(rb) and all(ra[k] == rb[k] for k in ra)
+    t = pq.read_table(sorted((tmp_path / "many" / "shards").glob("shard-*.parquet"))[0], columns=["image_id"])
+    assert t.column("image_id").to_pylist() == plan.image_ids[0]          # store order inside the shard
