@@ -199,7 +199,7 @@ def main() -> None:
     ray_vs: dict[str, dict[str, float]] = {}
     for name in ("bbox_seg", "cam_diffusion_crf"):
         rec = load_recipe(Path(__file__).resolve().parents[1] / "configs/pseudolabel" / f"{name}.yaml",
-                          {"max_rows": n, "rows_per_shard": max(1, n // 8), "batch_size": 1})
+                          {"max_rows": n})   # the recipe's own shards, batch size and (auto) task unit
         t_ser = _timeit(lambda: run_serial(rec, rows, space.background_id, space.num_classes, checkpoint=str(ckpt)))
         # best of 2: the first run also pays Ray's worker start-up and imports (reported separately)
         t_cold = _timeit(lambda: run_pipeline(rec, a.store, tmp / f"labels_{name}", checkpoint=str(ckpt),

@@ -507,10 +507,13 @@ def auto_rows_per_task(recipe: Recipe, rows: int, cpus: float, blocks_per_cpu: i
 
 class _Chain:
     """The whole recipe in one Ray Data actor (CPU-only clusters): every model stage loaded once per
-    actor, then each batch runs model and CPU groups in recipe order and is finalised (encoded)."""
+    actor; each input item (a chunk of one shard, see :func:`task_items`) is read from the store,
+    run through the model and CPU groups in recipe order, and finalised (encoded). No task outside
+    the actor pool, so the pool may hold every CPU."""
 
     def __init__(self, groups: list[tuple[str, list[tuple[str, dict[str, Any]]]]], checkpoint: str | None,
-                 ctx: _Ctx, save_confidence: bool) -> None:
+                 ctx: _Ctx, save_confidence: bool, store_files: list[str]) -> None:
+        self.store_files = store_files
         self.ctx = ctx
         self.save_confidence = save_confidence
         self.steps: list[tuple[str, Any]] = []
@@ -521,8 +524,8 @@ class _Chain:
             else:
                 self.steps.append(("cpu", _stage_list(stages)))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def __call__(self, items: pa.Table) -> pa.Table:
+        rows = _read_chunks(items, self.store_files).to_pylist()
         for row in rows:
             for kind, step in self.steps:
                 if kind == "model":
@@ -933,11 +936,11 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
                 # CPU-only: one actor per CPU runs read + every stage of the chain on its block, so
                 # no CPU waits on a single model actor and no intermediate state crosses processes
                 actors = max(1, min(len(items), int(cpus // recipe.cpus_per_task)))
-                ds = ds.map_batches(_read_chunks, num_cpus=recipe.cpus_per_task, **read_kw)
-                ds = ds.map_batches(_Chain, batch_size=recipe.batch_size, batch_format="pyarrow",
+                ds = ds.map_batches(_Chain, batch_size=1, batch_format="pyarrow",
                                     compute=ActorPoolStrategy(size=actors), num_cpus=recipe.cpus_per_task,
                                     fn_constructor_kwargs={"groups": groups, "checkpoint": ckpt_s, "ctx": ctx,
-                                                           "save_confidence": recipe.save_confidence})
+                                                           "save_confidence": recipe.save_confidence,
+                                                           "store_files": plan.files})
             else:
                 ds = ds.map_batches(_read_chunks, num_cpus=recipe.cpus_per_task, **read_kw)
                 for gi, (kind, stages) in enumerate(groups):
