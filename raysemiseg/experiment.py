@@ -249,28 +249,29 @@ def format_comparison(results: dict[str, Any], label_space: Any, groups: dict[st
 
     names = list(results)
     ms = [results[n] for n in names]
-    width = max(12, *(len(n) for n in names))
+    widths = [max(7, len(n)) + 2 for n in names]
     mark = {}
     for tag, ids in zip("SW", (groups or {}).values()):
         mark.update({int(i): tag for i in ids})
-    cw = max(len("class"), *(len(label_space.names[c]) for c in range(label_space.num_classes)))
-    head = f"{'class':<{cw}}    " + "".join(f"{n:>{width + 1}}" for n in names)
+    cw = max(len("mIoU ") + max((len(g) for g in (groups or {})), default=0),
+             *(len(label_space.names[c]) for c in range(label_space.num_classes)))
+    head = f"{'class':<{cw}}   " + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
 
-    def pct(v: float) -> str:
-        return f"{'-':>{width + 1}}" if not np.isfinite(v) else f"{100 * v:>{width + 1}.2f}"
+    def row(vals: list[float]) -> str:
+        return "".join(f"{'-':>{w}}" if not np.isfinite(v) else f"{100 * v:>{w}.2f}" for v, w in zip(vals, widths))
 
     for c in range(label_space.num_classes):
         vals = [float(m.iou[c]) for m in ms]
         if all(not np.isfinite(v) for v in vals):
             continue
-        lines.append(f"{label_space.names[c]:<{cw}} {mark.get(c, ' '):>2} " + "".join(pct(v) for v in vals))
+        lines.append(f"{label_space.names[c]:<{cw}} {mark.get(c, ' '):>1} " + row(vals))
     lines.append("-" * len(head))
-    lines.append(f"{'mIoU':<{cw}}    " + "".join(pct(m.miou) for m in ms))
+    lines.append(f"{'mIoU':<{cw}}   " + row([m.miou for m in ms]))
     for g, ids in (groups or {}).items():
-        lines.append(f"{'mIoU ' + g:<{cw}}    " + "".join(pct(m.miou_over(ids)) for m in ms))
-    lines.append(f"{'pixel acc':<{cw}}    " + "".join(pct(m.pixel_acc) for m in ms))
+        lines.append(f"{'mIoU ' + g:<{cw}}   " + row([m.miou_over(ids) for m in ms]))
+    lines.append(f"{'pixel acc':<{cw}}   " + row([m.pixel_acc for m in ms]))
     return "\n".join(lines)
 
 
@@ -353,7 +354,9 @@ def _run_labels(ld: LabelsDef, env: dict[str, str], out: Path, num_cpus: int | N
     t = time.perf_counter()
     res = run_pipeline(recipe, env["store"], out, checkpoint=ckpt, stage_checkpoints=stage_ckpts,
                        overwrite=True, num_cpus=num_cpus)
-    _say(f"  labels {ld.name} ({recipe.name}) -> {out}: {res} [{time.perf_counter() - t:.0f} s]")
+    _say(f"  labels {ld.name} ({recipe.name}) -> {out}: {res.rows_in} rows in = {res.written} written + "
+         f"{res.quarantined} quarantined; shards {res.shards_run} run, {res.shards_skipped} done earlier "
+         f"[{time.perf_counter() - t:.0f} s]")
     return out
 
 
