@@ -25,9 +25,11 @@ present. Placement:
 - with GPUs: each model stage is its own pool of ``model_actors`` actors (``num_gpus`` each);
   consecutive CPU stages are fused into one ``map_batches`` task (task pool, ``cpus_per_task``
   CPUs each);
-- CPU only: the whole chain (read, model stages, CPU stages, encoding) runs in one pool of one actor
-  per ``cpus_per_task`` CPUs (:class:`_Chain`), so every core works on whole images instead of one
-  core holding the single model actor and the others waiting on it;
+- CPU only: the whole chain (read, model stages, CPU stages, encoding) runs in one task per input
+  item (:func:`_chain_task`, ``cpus_per_task`` CPUs each), each model loaded once per Ray worker
+  process and cached there (reused by later tasks and later runs on the same cluster), so every
+  core works on whole images instead of one core holding the single model actor and the others
+  waiting on it;
 - recipes without a model stage: read + fused CPU stages in one task pool.
 
 SLIC + diffusion + CRF of one image always run back to back in one process while the images are
@@ -223,8 +225,8 @@ class Recipe(_Strict):
             None = :func:`auto_rows_per_task` (about 4 blocks per CPU). Does not change the output
             (not part of :meth:`digest`), so it may differ between a run and its resume.
         model_actors: actors in each model stage's pool when the model stages run on GPUs. On a
-            CPU-only cluster the whole chain runs in one pool of one actor per ``cpus_per_task``
-            CPUs instead (see :func:`run_pipeline`).
+            CPU-only cluster the whole chain runs in tasks instead, models cached per worker
+            process (see :func:`run_pipeline`).
         gpus_per_model_actor: GPUs per model actor; None = 1 when the cluster has GPUs, else 0.
         cpus_per_task: CPUs reserved by each CPU-stage task.
         save_confidence: write the ``confidence`` column when a stage gives one.
@@ -505,6 +507,33 @@ def auto_rows_per_task(recipe: Recipe, rows: int, cpus: float, blocks_per_cpu: i
     return max(1, min(max(per, recipe.batch_size), recipe.rows_per_shard))
 
 
+def _weights_stamp(checkpoint: str | None) -> tuple[int, int]:
+    """(mtime ns, size) of a checkpoint's weights file; (0, 0) when there is none."""
+    if not checkpoint:
+        return (0, 0)
+    p = Path(checkpoint)
+    f = p / "model.pt" if p.is_dir() else p
+    try:
+        st = f.stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model_stage(name: str, params_json: str, checkpoint: str | None, background_id: int, num_classes: int,
+                        stamp: tuple[int, int]) -> "_ModelStage":
+    """A CPU model stage built once per worker process and reused by later tasks (and later runs on
+    the same cluster); keyed by the weights file's (mtime, size) so a rewritten checkpoint reloads."""
+    return _ModelStage(name, json.loads(params_json), checkpoint, _Ctx(background_id, num_classes), use_gpu=False)
+
+
+def _chain_task(items: pa.Table, groups: list[tuple[str, list[tuple[str, dict[str, Any]]]]], checkpoint: str | None,
+                ctx: _Ctx, save_confidence: bool, store_files: list[str]) -> pa.Table:
+    """Ray Data task: the whole chain on one item (see :class:`_Chain`); models cached per worker."""
+    return _Chain(groups, checkpoint, ctx, save_confidence, store_files)(items)
+
+
 class _Chain:
     """The whole recipe in one Ray Data actor (CPU-only clusters): every model stage loaded once per
     actor; each input item (a chunk of one shard, see :func:`task_items`) is read from the store,
@@ -520,7 +549,10 @@ class _Chain:
         for kind, stages in groups:
             if kind == "model":
                 name, params = stages[0]
-                self.steps.append(("model", _ModelStage(name, params, checkpoint, ctx, use_gpu=False)))
+                ck = params.get("checkpoint") or checkpoint
+                stamp = _weights_stamp(ck)
+                self.steps.append(("model", _cached_model_stage(name, json.dumps(params, sort_keys=True), checkpoint,
+                                                                ctx.background_id, ctx.num_classes, stamp)))
             else:
                 self.steps.append(("cpu", _stage_list(stages)))
 
@@ -933,14 +965,11 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
             groups = _groups(recipe)
             ckpt_s = str(checkpoint) if checkpoint else None
             if recipe.needs_model and not use_gpu:
-                # CPU-only: one actor per CPU runs read + every stage of the chain on its block, so
-                # no CPU waits on a single model actor and no intermediate state crosses processes
-                actors = max(1, min(len(items), int(cpus // recipe.cpus_per_task)))
-                ds = ds.map_batches(_Chain, batch_size=1, batch_format="pyarrow",
-                                    compute=ActorPoolStrategy(size=actors), num_cpus=recipe.cpus_per_task,
-                                    fn_constructor_kwargs={"groups": groups, "checkpoint": ckpt_s, "ctx": ctx,
-                                                           "save_confidence": recipe.save_confidence,
-                                                           "store_files": plan.files})
+                # CPU-only: one task per item runs read + every stage of the chain (models cached per
+                # worker process), so every CPU works on whole images and no state crosses processes
+                ds = ds.map_batches(_chain_task, batch_size=1, batch_format="pyarrow", num_cpus=recipe.cpus_per_task,
+                                    fn_kwargs={"groups": groups, "checkpoint": ckpt_s, "ctx": ctx,
+                                               "save_confidence": recipe.save_confidence, "store_files": plan.files})
             else:
                 ds = ds.map_batches(_read_chunks, num_cpus=recipe.cpus_per_task, **read_kw)
                 for gi, (kind, stages) in enumerate(groups):
