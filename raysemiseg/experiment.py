@@ -315,9 +315,17 @@ def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> t
     from raysemiseg.train.driver import train
     from raysemiseg.tune.tracking import Tracker
 
+    import hashlib
+
+    from raysemiseg.config import dump_config
+
+    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
     done = step_dir / "step.json"
     if done.is_file():
         info = json.loads(done.read_text())
+        if info.get("config_digest") not in (None, digest):
+            raise ValueError(f"step {cfg.run.name}: its config changed since it finished ({done}); delete {step_dir} "
+                             f"and {Path(cfg.run.storage_path) / cfg.run.name} to retrain it, or rename the experiment")
         if Path(info["checkpoint"]).is_dir():
             _say(f"  {cfg.run.name}: done earlier ({info['checkpoint']})")
             return Path(info["checkpoint"]), float(info["train_s"])
@@ -340,6 +348,7 @@ def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> t
     dt = time.perf_counter() - t
     step_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"checkpoint": str(res.best_checkpoint), "train_s": dt, "run_dir": str(res.run_dir),
+                                "config_digest": digest,
                                 "metrics": {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}}))
     _say(f"  {cfg.run.name}: {dt:.0f} s, best checkpoint {res.best_checkpoint}")
     return res.best_checkpoint, dt

@@ -166,3 +166,7 @@ def test_extends_merges_and_placeholder_order_is_checked(tmp_path) -> None:
                    "{init_from: '{step.later}'}}}}\n")
     with pytest.raises(KeyError, match="arm 'a', step 's'.*step.later"):
         plan_experiment(load_experiment(bad))
+    # a finished step whose config changed is not silently reused
+    changed = cfg.model_copy(update={"set": {"optim": {"steps_per_epoch": 2, "lr": 0.02}}})
+    with pytest.raises(ValueError, match="t-strong-only-train: its config changed"):
+        run_experiment(changed)
