@@ -134,7 +134,7 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
     capsys.readouterr()
     res2 = run_experiment(cfg)
     assert [a.checkpoint for a in res2.arms] == [a.checkpoint for a in res.arms]
-    assert capsys.readouterr().out.count("done earlier") == 4
+    assert capsys.readouterr().out.count(": done earlier (") == 4
 
 
 @pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/experiments/semi_i3s.yaml",
