@@ -201,6 +201,20 @@ def load_config(path_or_dict: str | Path | dict, model: type[StrictModel] = Trai
         raise ConfigError(_format(e, source)) from None
 
 
+def dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested and dotted mappings as flat dotted keys: ``{"optim": {"lr": 1}, "run.seed": 0}
+    -> {"optim.lr": 1, "run.seed": 0}`` (an empty mapping stays a value). The override form of
+    :func:`load_config`, and MLflow's flat params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(dotted(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def dump_config(cfg: BaseModel, path: str | Path | None = None) -> str:
     """YAML text of ``cfg`` (round-trips through :func:`load_config`); written to ``path`` if given."""
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

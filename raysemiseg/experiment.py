@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raysemiseg.config import StrictModel, TrainConfig, load_config
+from raysemiseg.config import StrictModel, TrainConfig, dotted, load_config
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+(?:\.[A-Za-z0-9_\-]+)*)\}")
 
@@ -284,19 +284,6 @@ def resolve_path(path: str) -> str:
         return str(p)
     repo = Path(__file__).resolve().parent.parent / p
     return str(repo) if repo.exists() else path
-
-
-def dotted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested and dotted override mappings as flat dotted keys: ``{"optim": {"lr": 1}, "run.seed": 0}
-    -> {"optim.lr": 1, "run.seed": 0}`` (an empty mapping stays a value)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(dotted(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _train_config(ecfg: ExperimentConfig, step: StepDef, arm: str, env: dict[str, str], work: Path) -> TrainConfig:

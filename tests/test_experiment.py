@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from raysemiseg.eval.metrics import ConfusionMatrix
-from raysemiseg.experiment import (ExperimentConfig, SplitDef, class_groups, dotted, format_comparison,
+from raysemiseg.config import dotted
+from raysemiseg.experiment import (ExperimentConfig, SplitDef, class_groups, format_comparison,
                                    run_experiment, substitute)
 from raysemiseg.labels import LabelSpace, builtin
 
@@ -135,6 +136,10 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
     res2 = run_experiment(cfg)
     assert [a.checkpoint for a in res2.arms] == [a.checkpoint for a in res.arms]
     assert capsys.readouterr().out.count(": done earlier (") == 4
+    # a finished step whose config changed is not silently reused
+    changed = cfg.model_copy(update={"set": {"optim": {"steps_per_epoch": 2, "lr": 0.02}}})
+    with pytest.raises(ValueError, match="t-strong-only-train: its config changed"):
+        run_experiment(changed)
 
 
 @pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/experiments/semi_i3s.yaml",
@@ -166,7 +171,3 @@ def test_extends_merges_and_placeholder_order_is_checked(tmp_path) -> None:
                    "{init_from: '{step.later}'}}}}\n")
     with pytest.raises(KeyError, match="arm 'a', step 's'.*step.later"):
         plan_experiment(load_experiment(bad))
-    # a finished step whose config changed is not silently reused
-    changed = cfg.model_copy(update={"set": {"optim": {"steps_per_epoch": 2, "lr": 0.02}}})
-    with pytest.raises(ValueError, match="t-strong-only-train: its config changed"):
-        run_experiment(changed)

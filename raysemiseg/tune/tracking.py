@@ -56,14 +56,9 @@ def resolve_tracking_uri(tracking_uri: str | None, storage_path: str) -> tuple[s
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"a": {"b": 1}} -> {"a.b": "1"}`` (MLflow params are strings; values cut to 500 chars)."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = str(v)[:500]
-    return out
+    from raysemiseg.config import dotted
+
+    return {k: str(v)[:500] for k, v in dotted(d, prefix).items()}
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
