@@ -156,6 +156,12 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
     base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else p.parent / sweep.base
     base_cfg = load_config(base_path, overrides=sweep.overrides)
     base = base_cfg.model_dump(mode="json")
+    # trials run in Tune's trial folders: relative local paths are the caller's, made absolute here
+    for section, key in (("data", "store"), ("data", "split_file"), ("data", "label_store"),
+                         ("model", "weights_path"), ("run", "storage_path")):
+        v = base[section].get(key)
+        if isinstance(v, str) and v and "://" not in v and not Path(v).is_absolute():
+            base[section][key] = str(Path(v).resolve())
     for key in sweep.derived:
         if "." not in key:
             raise ConfigError(f"{p}: derived.{key}: the target must be a dotted config key")
