@@ -97,6 +97,10 @@ class ArmDef(StrictModel):
 
     name: str
     steps: list[StepDef]
+    also_given_labels: bool = Field(
+        False, description="also score the last checkpoint predicting with each image's given labels "
+                           "(TransferNet-GT, Hong et al. 2016 Sec. 4.3), as column '<arm>-GT' "
+                           "(label-conditioned methods: transfernet, decoupled)")
 
     @model_validator(mode="after")
     def _has_train(self) -> "ArmDef":
@@ -395,6 +399,13 @@ def plan_experiment(ecfg: ExperimentConfig) -> list[tuple[str, str, Any]]:
             except (ValueError, KeyError) as e:
                 raise type(e)(f"{where}: {e.args[0] if e.args else e}") from None
             plan.append((arm.name, step.name, item))
+        if arm.also_given_labels:
+            from raysemiseg.methods.base import get_method
+
+            last = next(i for a, _, i in reversed(plan) if a == arm.name and hasattr(i, "method"))
+            if not get_method(last.method.name).label_conditioned:
+                raise ValueError(f"experiment {ecfg.name!r}, arm {arm.name!r}: also_given_labels needs a "
+                                 f"label-conditioned method (transfernet, decoupled), not {last.method.name!r}")
     return plan
 
 
@@ -479,6 +490,11 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
             arms.append(ArmResult(arm.name, last, ev, train_s, steps))
             _say(f"arm {arm.name}: {ecfg.eval_split} mIoU {ev.metrics.miou * 100:.2f}% "
                  f"(trained {train_s:.0f} s)")
+            if arm.also_given_labels:
+                ev = evaluate_checkpoint(last, store, ecfg.eval_split, crf=ecfg.eval_crf,
+                                         num_samples=ecfg.num_overlays, max_rows=ecfg.eval_max_rows, given_labels=True)
+                arms.append(ArmResult(f"{arm.name}-GT", last, ev, train_s, steps))
+                _say(f"arm {arm.name}-GT (given image labels): {ecfg.eval_split} mIoU {ev.metrics.miou * 100:.2f}%")
         untrained = None
         if ecfg.compare_untrained:
             untrained = evaluate_checkpoint(arms[0].checkpoint, store, ecfg.eval_split, crf=ecfg.eval_crf,

@@ -66,6 +66,16 @@ def test_experiment_rejects_bad_steps() -> None:
                                              "name": "b", "recipe": "r.yaml"}}]}]})
 
 
+def test_given_labels_column_needs_a_label_conditioned_method(tmp_path) -> None:
+    from raysemiseg.experiment import plan_experiment
+
+    cfg = ExperimentConfig.model_validate({
+        "name": "x", "workdir": str(tmp_path), "store": {"path": str(tmp_path / "s")}, "base": _tiny_base(tmp_path),
+        "arms": [{"name": "so", "also_given_labels": True, "steps": [{"name": "t", "train": {}}]}]})
+    with pytest.raises(ValueError, match="arm 'so': also_given_labels needs a label-conditioned method"):
+        plan_experiment(cfg)
+
+
 def _tiny_base(store: Path) -> dict:
     return {"label_space": "voc21",
             "data": {"store": str(store), "crop_size": 64, "batch_size": 4, "max_train_rows": 16, "max_val_rows": 4,
@@ -97,7 +107,7 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
                 "data": {"label_store": "{labels.bbox}", "strong_fraction": 0.5},
                 "method": {"name": "dual_branch", "params": {"neck_depth": 1, "neck_channels": 16,
                                                              "optimizer": "sgd"}}}}]},
-            {"name": "decoupled", "steps": [
+            {"name": "decoupled", "also_given_labels": True, "steps": [
                 {"name": "classify", "train": {"method": {"name": "decoupled", "stage": "classify",
                                                           "params": {"width": 16, "fc_width": 16, "bridge_width": 16}}}},
                 {"name": "segment", "train": {"method": {"name": "decoupled", "stage": "segment",
@@ -107,7 +117,10 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
         "eval_max_rows": 6, "num_overlays": 2, "compare_untrained": True,
     })
     res = run_experiment(cfg)
-    assert [a.name for a in res.arms] == ["strong-only", "dual-branch", "decoupled"]
+    assert [a.name for a in res.arms] == ["strong-only", "dual-branch", "decoupled", "decoupled-GT"]
+    # the -GT column scores the same checkpoint, predicting with the given image labels
+    assert res.arms[3].checkpoint == res.arms[2].checkpoint
+    assert res.arms[3].eval.num_images == res.arms[2].eval.num_images
     # the chain: segment started from classify's checkpoint, and that is what the arm's run recorded
     seg_cfg = (Path(res.arms[2].steps["segment"]) / "config.yaml").read_text()
     assert res.arms[2].steps["classify"] in seg_cfg
@@ -118,7 +131,7 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
     assert str(work / "labels" / "bbox") in dual_cfg and str(work / "split.parquet") in dual_cfg
     summary = json.loads((work / "results.json").read_text())
     assert [a["miou"] for a in summary["arms"]] == pytest.approx([a.eval.metrics.miou for a in res.arms])
-    for col in ("strong-only", "dual-branch", "decoupled", "strong-only untrained head"):
+    for col in ("strong-only", "dual-branch", "decoupled", "decoupled-GT", "strong-only untrained head"):
         assert col in res.table
     assert (work / "iou_comparison.png").stat().st_size > 0
     # MLflow: one parent experiment run, a child per training step (4), nested under it
@@ -143,7 +156,8 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
 
 
 @pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/experiments/semi_i3s.yaml",
-                                  "configs/experiments/c3s_split1.yaml", "configs/experiments/c3s_split4.yaml"])
+                                  "configs/experiments/c3s_split1.yaml", "configs/experiments/c3s_split2.yaml",
+                                  "configs/experiments/c3s_split3.yaml", "configs/experiments/c3s_split4.yaml"])
 def test_shipped_experiments_resolve_every_step(path) -> None:
     """Every step of the shipped experiments validates (method params, recipes, placeholders in order)."""
     from raysemiseg.experiment import load_experiment, plan_experiment

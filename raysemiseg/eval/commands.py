@@ -18,6 +18,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-overlays", type=int, default=6)
     p.add_argument("--max-rows", type=int, default=None, help="score only the first N rows")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--given-labels", action="store_true",
+                   help="predict with each image's given image-level labels (TransferNet-GT; label-conditioned "
+                        "methods: transfernet, decoupled)")
     p.add_argument("--mlflow-run", default=None, help="also log the report to this MLflow run id")
     p.set_defaults(func=_cmd)
 
@@ -27,9 +30,11 @@ def _cmd(args: argparse.Namespace) -> int:
     from raysemiseg.eval.report import write_report
 
     res = evaluate_checkpoint(args.checkpoint, args.store, args.split, crf=args.crf, num_samples=args.num_overlays,
-                              device=args.device, max_rows=args.max_rows)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.split}{'_crf' if args.crf else ''}"
-    report = write_report(res, out, title=f"{args.split}{' + CRF' if args.crf else ''}: {args.checkpoint}")
+                              device=args.device, max_rows=args.max_rows, given_labels=args.given_labels or None)
+    tag = f"{args.split}{'_crf' if args.crf else ''}{'_given_labels' if args.given_labels else ''}"
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{tag}"
+    report = write_report(res, out, title=f"{args.split}{' + CRF' if args.crf else ''}"
+                                          f"{' (given labels)' if args.given_labels else ''}: {args.checkpoint}")
     print(report.table)
     print(f"{res.num_images} images in {res.seconds:.1f} s; report in {out}")
     if args.mlflow_run:
@@ -41,5 +46,5 @@ def _cmd(args: argparse.Namespace) -> int:
         if not uri:
             raise ValueError("--mlflow-run needs MLFLOW_TRACKING_URI")
         tr = Tracker(uri, "", "", "", run_id=args.mlflow_run)
-        tr.log_eval(report, prefix=f"eval_{args.split}{'_crf' if args.crf else ''}")
+        tr.log_eval(report, prefix=f"eval_{tag}")
     return 0

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from raysemiseg.eval.metrics import ConfusionMatrix, SegMetrics
 from raysemiseg.labels import LabelSpace
 from raysemiseg.train.data import iter_val_rows
-from raysemiseg.train.loop import normalisation, predict_logits
+from raysemiseg.train.loop import given_labels_vector, normalisation, predict_logits
 
 
 @dataclass
@@ -79,7 +79,7 @@ def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int 
 
 def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *, device: str | torch.device = "cpu",
                   val_size: int | None = None, crf: bool = False, num_samples: int = 0,
-                  desc: str = "eval", progress: bool = True) -> EvalResult:
+                  desc: str = "eval", progress: bool = True, given_labels: bool = False) -> EvalResult:
     """mIoU of ``method`` over store ``rows`` (a pyarrow Table or a Ray dataset of store rows).
 
     Args:
@@ -88,7 +88,15 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
         val_size: resize the long side before the forward pass (None = native).
         crf: dense-CRF post-processing.
         num_samples: how many (image, gt, prediction) triples to keep for overlays.
+        given_labels: predict with each row's image-level labels (``rows`` needs a ``labels``
+            column): TransferNet-GT, DecoupledNet with given labels.
+
+    Raises:
+        ValueError: ``given_labels`` for a method that is not label-conditioned.
     """
+    if given_labels and not getattr(method, "label_conditioned", False):
+        raise ValueError(f"method {getattr(method, 'name', type(method).__name__)!r} does not predict from given "
+                         "image labels (only label-conditioned methods: transfernet, decoupled)")
     dev = torch.device(device)
     method.to(dev).eval()
     mean, std = normalisation(method)
@@ -100,7 +108,8 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
     for row in tqdm(iter_val_rows(rows), total=total, desc=desc, unit="img", disable=not progress):
         if row["mask"] is None:
             continue
-        logits = predict_logits(method, row["image"], mean, std, dev, val_size)
+        logits = predict_logits(method, row["image"], mean, std, dev, val_size,
+                                image_labels=given_labels_vector(method, row, given_labels))
         if crf:
             pred = refine_with_crf(row["image"], logits, label_space.background_id)
         else:
@@ -114,8 +123,8 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
 
 def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = "val", *, crf: bool = False,
                         num_samples: int = 6, device: str | None = None, max_rows: int | None = None,
-                        val_size: int | None = None, untrained_head: bool = False, progress: bool = True
-                        ) -> EvalResult:
+                        val_size: int | None = None, untrained_head: bool = False, progress: bool = True,
+                        given_labels: bool | None = None) -> EvalResult:
     """Evaluate a checkpoint directory on a store split.
 
     Args:
@@ -127,10 +136,14 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
         untrained_head: keep the checkpoint's config and backbone initialisation but do not load
             its weights: the backbone gets its pretrained (ImageNet) weights and the head its
             random initialisation (seeded with ``run.seed``) -- the untrained baseline.
+        given_labels: predict with each image's given image-level labels instead of the method's
+            own classifier (TransferNet-GT, Hong et al. 2016 Sec. 4.3; label-conditioned methods
+            only). None = the method's default (its ``use_gt_labels`` parameter).
 
     Raises:
         FileNotFoundError: not a checkpoint or not a store.
-        ValueError: the split has no rows, or the checkpoint's label space differs from the store's.
+        ValueError: the split has no rows, the checkpoint's label space differs from the store's,
+            or ``given_labels`` for a method that is not label-conditioned.
     """
     from raysemiseg.data.store import open_store
     from raysemiseg.methods.base import get_method
@@ -152,10 +165,11 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
         method.set_stage(cfg.method.stage)
     else:
         method, cfg, _ = load_method(checkpoint, dev)
-    rows = st.read_table(columns=["image_id", "image", "mask"], filter_split=split)
+    rows = st.read_table(columns=["image_id", "image", "mask", "labels"], filter_split=split)
     if rows.num_rows == 0:
         raise ValueError(f"store {store} has no rows with split {split!r}")
     if max_rows is not None:
         rows = rows.slice(0, max_rows)
     return evaluate_rows(method, rows, space, device=dev, val_size=val_size or cfg.data.val_size, crf=crf,
-                         num_samples=num_samples, desc=f"eval {split}" + (" +crf" if crf else ""), progress=progress)
+                         num_samples=num_samples, desc=f"eval {split}" + (" +crf" if crf else ""), progress=progress,
+                         given_labels=method.eval_with_given_labels if given_labels is None else given_labels)

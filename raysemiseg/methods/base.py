@@ -110,6 +110,9 @@ class Method(nn.Module):
     #: per stage, glob patterns of trainable parameter names that legitimately get no gradient
     #: in that stage (checked by tests/methods/test_registry.py); empty for most methods
     GRAD_FREE: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: ``predict(images, image_labels)`` conditions on given (N, K) multi-hot image labels when they
+    #: are passed (TransferNet-GT, DecoupledNet); evaluators pass them only to such methods
+    label_conditioned: ClassVar[bool] = False
 
     def __init__(self, label_space: LabelSpace, model: Any, params: MethodParams | None = None) -> None:
         super().__init__()
@@ -126,6 +129,12 @@ class Method(nn.Module):
     def predict(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) float images -> (N, C, H, W) class logits at input resolution."""
         raise NotImplementedError
+
+    @property
+    def eval_with_given_labels(self) -> bool:
+        """Whether evaluation passes each row's given image labels to ``predict`` by default: the
+        method's ``use_gt_labels`` parameter for label-conditioned methods (TransferNet-GT), else False."""
+        return self.label_conditioned and bool(getattr(self.params, "use_gt_labels", False))
 
     def optimizer_groups(self, lr: float) -> list[OptimizerGroup]:
         """Parameter groups; default: one "main" group with backbone at ``lr`` and heads at 10x

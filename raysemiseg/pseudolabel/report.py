@@ -20,7 +20,39 @@ import torch
 
 from raysemiseg.data.schema import decode_image, decode_mask
 
-__all__ = ["RecipeQuality", "format_comparison", "log_to_mlflow", "quality_report"]
+__all__ = ["RecipeQuality", "format_comparison", "log_to_mlflow", "quality_report", "score_labels"]
+
+
+def score_labels(labels: dict[str, bytes], ground_truth: dict[str, bytes], num_classes: int, ignore_index: int,
+                 where: str = "labels") -> tuple[object, list[str]]:
+    """Score pseudo labels against ground-truth masks with the shared metric.
+
+    Args:
+        labels: ``{image_id: encoded label mask}`` (PNG bytes, as the label store holds them).
+        ground_truth: ``{image_id: encoded pixel mask}`` of the images that have one.
+        num_classes, ignore_index: of the label space (``ignore_index`` pixels of the ground truth
+            are skipped).
+        where: names the labels in error messages (a label-store folder, a sweep trial).
+
+    Returns:
+        (:class:`raysemiseg.eval.metrics.SegMetrics`, the scored image ids in ``labels`` order).
+
+    Raises:
+        ValueError: no labelled image has ground truth, or a label's size differs from its mask's
+            (naming the image).
+    """
+    from raysemiseg.eval.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    scored = [i for i in labels if i in ground_truth]
+    if not scored:
+        raise ValueError(f"{where}: none of its {len(labels)} images has a ground-truth mask")
+    for iid in scored:
+        pred, target = decode_mask(labels[iid]), decode_mask(ground_truth[iid])
+        if pred.shape != target.shape:
+            raise ValueError(f"{where}: {iid} label is {pred.shape}, ground truth {target.shape}")
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+    return cm.compute(), scored
 
 
 @dataclass
@@ -64,7 +96,7 @@ def quality_report(label_dirs: Sequence[str | Path], store_path: str | Path, out
         ValueError: no image of a label store has ground truth.
     """
     from raysemiseg.data.store import open_store
-    from raysemiseg.eval.metrics import ConfusionMatrix, format_iou_table
+    from raysemiseg.eval.metrics import format_iou_table
     from raysemiseg.eval.predict import Sample
     from raysemiseg.eval.report import overlay_grid
     from raysemiseg.pseudolabel.store import open_label_store
@@ -82,16 +114,8 @@ def quality_report(label_dirs: Sequence[str | Path], store_path: str | Path, out
     for d in label_dirs:
         ls = open_label_store(d)
         masks = ls.masks()
-        cm = ConfusionMatrix(space.num_classes, ignore_index=space.ignore_index)
-        scored = [i for i in masks if i in gt]
-        if not scored:
-            raise ValueError(f"label store {d}: none of its {len(masks)} images has a ground-truth mask in {store_path}")
-        for iid in scored:
-            pred, target = decode_mask(masks[iid]), decode_mask(gt[iid])
-            if pred.shape != target.shape:
-                raise ValueError(f"label store {d}: {iid} label is {pred.shape}, ground truth {target.shape}")
-            cm.update(torch.from_numpy(pred), torch.from_numpy(target))
-        metrics = cm.compute()
+        metrics, scored = score_labels(masks, gt, space.num_classes, space.ignore_index,
+                                       where=f"label store {d} (image store {store_path})")
         title = f"{ls.recipe}: {len(scored)} images with ground truth ({d})"
         table = format_iou_table(metrics, space, title=title)
         rq = RecipeQuality(ls.recipe, Path(d), len(masks), ls.read_quarantine().num_rows, len(scored), metrics, table)

@@ -79,6 +79,24 @@ def load_train_state(directory: str | Path, method: nn.Module, optimizers: dict[
     return {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from ``path``: ``path`` itself when it holds ``model.pt``, else, for a
+    Ray Train run folder, its newest ``checkpoint_*`` directory that holds one (Ray names them
+    ``checkpoint_<epoch>`` in order).
+
+    Raises:
+        FileNotFoundError: neither (names the path).
+    """
+    p = Path(path)
+    if (p / MODEL_FILE).is_file():
+        return p
+    found = sorted(c for c in p.glob("checkpoint_*") if (c / MODEL_FILE).is_file()) if p.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{p} is neither a checkpoint directory ({MODEL_FILE}) nor a training run folder "
+                                "with checkpoint_* directories")
+    return found[-1]
+
+
 def load_method(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the trained method from a checkpoint for inference (eval mode).
 

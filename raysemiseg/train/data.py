@@ -199,7 +199,7 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
             augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
     # validation rows are re-read every epoch: always cached (encoded bytes, one val split)
     datasets["val"] = _rows_dataset(store, dict.fromkeys(va_ids, "strong"), {}, cache=True,
-                                     columns=["image_id", "image", "mask"])
+                                     columns=["image_id", "image", "mask", "labels"])
     pool_rows = {name: len(ids) for name, ids in pools.items()}
     return DataPlan(datasets=datasets, pool_rows=pool_rows, val_rows=len(va_ids), label_space=space,
                     split_names=[n for n in datasets if n != "val"])
@@ -383,8 +383,7 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         out_pseudo[i] = maps[1]
         if out_box is not None:
             out_box[i] = maps[2]
-        multi_hot[i, [c for c in (cols["labels"][i] or []) if 0 <= c < num_classes]] = 1
-        multi_hot[i, 0] = 1  # background (id 0 in every built-in space) is present in every image
+        multi_hot[i] = multi_hot_labels(cols["labels"][i], num_classes)
     out = {"image": out_img, "mask": out_mask, "pseudo": out_pseudo, "labels": multi_hot,
            "is_strong": is_strong, "image_id": np.asarray(cols["image_id"], dtype=object)}
     if out_box is not None:
@@ -524,6 +523,23 @@ def prepare_eval_image(image: np.ndarray, val_size: int | None) -> np.ndarray:
     return _resize(image, (max(int(round(h * s)), 1), max(int(round(w * s)), 1)), nearest=False)
 
 
+def multi_hot_labels(ids: Any, num_classes: int, background_id: int | None = 0) -> np.ndarray:
+    """(K,) float32 multi-hot vector of a row's image-level labels.
+
+    Args:
+        ids: the store's ``labels`` value (foreground ids, background excluded; None = none).
+        num_classes: K, the label-space size.
+        background_id: set to 1 as well (background is present in every image); None = no background.
+
+    Ids outside ``[0, K)`` are ignored (the store validates ids when it is built).
+    """
+    out = np.zeros(num_classes, np.float32)
+    out[[c for c in (ids if ids is not None else []) if 0 <= c < num_classes]] = 1
+    if background_id is not None:
+        out[background_id] = 1
+    return out
+
+
 def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> Iterator[dict[str, Any]]:
     """Decoded validation rows ``i`` with ``i % world == rank`` (every row counted exactly once).
 
@@ -531,7 +547,9 @@ def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> I
         rows: a Ray Data iterator/dataset (``iter_batches``) or a pyarrow Table of store rows.
 
     Yields:
-        {"image_id": str, "image": (H, W, 3) uint8, "mask": (H, W) int64 or None}.
+        {"image_id": str, "image": (H, W, 3) uint8, "mask": (H, W) int64 or None,
+        "labels": list[int] of image-level ids (background excluded) when ``rows`` has a ``labels``
+        column, else None}.
     """
     if isinstance(rows, pa.Table):
         batches: Any = rows.to_batches(max_chunksize=fetch)
@@ -544,7 +562,8 @@ def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> I
             if i % world == rank:
                 mask = cols["mask"][j]
                 yield {"image_id": cols["image_id"][j], "image": decode_image(cols["image"][j]),
-                       "mask": None if mask is None else decode_mask(mask)}
+                       "mask": None if mask is None else decode_mask(mask),
+                       "labels": cols["labels"][j] if "labels" in cols else None}
             i += 1
 
 

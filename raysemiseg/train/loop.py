@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysemiseg.eval.metrics import ConfusionMatrix, SegMetrics
-from raysemiseg.train.data import BatchSampler, collate, iter_val_rows, prepare_eval_image
+from raysemiseg.train.data import BatchSampler, collate, iter_val_rows, multi_hot_labels, prepare_eval_image
 
 MAIN_GROUP = "main"
 
@@ -237,12 +237,16 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
 
 @torch.no_grad()
 def predict_logits(method: nn.Module, image: np.ndarray, mean: Any, std: Any, device: torch.device,
-                   val_size: int | None = None, amp: bool = False) -> Tensor:
+                   val_size: int | None = None, amp: bool = False,
+                   image_labels: np.ndarray | None = None) -> Tensor:
     """Class scores of one image at its native size.
 
     Args:
         image: (H, W, 3) uint8 RGB.
         val_size: resize the long side to this before the forward pass (None = native).
+        image_labels: optional (K,) multi-hot of the image's given labels
+            (:func:`~raysemiseg.train.data.multi_hot_labels`), passed to a label-conditioned
+            method's ``predict`` (TransferNet-GT, DecoupledNet with given labels).
 
     Returns:
         (C, H, W) float32 logits (bilinearly resized back to the native size).
@@ -252,20 +256,43 @@ def predict_logits(method: nn.Module, image: np.ndarray, mean: Any, std: Any, de
     t = torch.from_numpy(np.array(x, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+    kw = {} if image_labels is None else {"image_labels": torch.as_tensor(image_labels, dtype=torch.float32,
+                                                                         device=device).unsqueeze(0)}
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-        logits = method.predict(((t - m) / s).unsqueeze(0)).float()
+        logits = method.predict(((t - m) / s).unsqueeze(0), **kw).float()
     if logits.shape[-2:] != (h, w):
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
     return logits[0]
 
 
+def given_labels_vector(method: nn.Module, row: dict[str, Any], given_labels: bool) -> np.ndarray | None:
+    """The (K,) multi-hot of ``row["labels"]`` when evaluating with given labels, else None.
+
+    Raises:
+        ValueError: ``given_labels`` for a method whose ``predict`` does not condition on labels
+            (``label_conditioned`` False), or a row read without its ``labels`` column.
+    """
+    if not given_labels:
+        return None
+    if not getattr(method, "label_conditioned", False):
+        raise ValueError(f"method {getattr(method, 'name', type(method).__name__)!r} does not predict from given "
+                         "image labels (only label-conditioned methods: transfernet, decoupled)")
+    if row.get("labels") is None:
+        raise ValueError(f"row {row.get('image_id')}: no 'labels' column to predict with given labels")
+    bg = getattr(getattr(method, "label_space", None), "background_id", 0)
+    return multi_hot_labels(row["labels"], method.num_classes, bg)
+
+
 def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, device: torch.device, *,
-             mean: Any, std: Any, val_size: int | None = None, amp: bool = False) -> SegMetrics:
+             mean: Any, std: Any, val_size: int | None = None, amp: bool = False,
+             given_labels: bool = False) -> SegMetrics:
     """Validation mIoU with the shared confusion matrix, reduced over all workers.
 
     Args:
         rows: the worker's validation iterator (every worker sees all rows; worker ``r`` scores
             rows ``i % world == r``, so each row counts once).
+        given_labels: predict with each row's image-level labels (label-conditioned methods;
+            the rows need a ``labels`` column).
 
     Returns:
         :class:`~raysemiseg.eval.metrics.SegMetrics` over all workers' rows.
@@ -276,7 +303,8 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
     for row in iter_val_rows(rows, rank, world):
         if row["mask"] is None:
             continue
-        pred = predict_logits(method, row["image"], mean, std, device, val_size, amp).argmax(0)
+        pred = predict_logits(method, row["image"], mean, std, device, val_size, amp,
+                              given_labels_vector(method, row, given_labels)).argmax(0)
         cm.update(pred, torch.from_numpy(row["mask"]).to(device))
     cm.reduce_from_all_processes()
     return cm.compute()
@@ -384,7 +412,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         global_step += steps
         broadcast_state(method, buffers_only=True)  # BN statistics of rank 0 everywhere (what is saved)
         seg = evaluate(method, val_shard, space.num_classes, space.ignore_index, device, mean=mean, std=std,
-                       val_size=cfg.data.val_size, amp=amp)
+                       val_size=cfg.data.val_size, amp=amp, given_labels=method.eval_with_given_labels)
         metrics = {"epoch": epoch + 1, "global_step": global_step, "resumed_from_epoch": start_epoch,
                    "num_workers": ctx.get_world_size(), "num_nodes": num_nodes, **train_metrics,
                    **epoch_metrics(seg, space), "epoch_time_s": time.perf_counter() - t0}

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from raysemiseg.config import ConfigError, StrictModel, TrainConfig, dump_config, load_config
 
@@ -81,11 +81,31 @@ class SweepResources(StrictModel):
     max_concurrent_trials: int | None = Field(None, ge=1, description="cap; None = as many as fit")
 
 
+class LabelSweepDef(StrictModel):
+    """What a pseudo-label sweep (``kind: pseudolabel``) scores: the labels its recipe gives the
+    images of ``split`` that have a ground-truth pixel mask (relative paths: the caller's folder)."""
+
+    store: str = Field(..., description="image store folder")
+    split: str = Field("val", description="store split whose images with a pixel mask are labelled and scored")
+    max_rows: int | None = Field(48, ge=1, description="the first N such images (store order); None = all")
+    checkpoint: str | None = Field(None, description="checkpoint of the recipe's model stages (the CAM classifier): "
+                                                     "a checkpoint dir or a training run folder (its newest)")
+    stage_checkpoints: dict[str, str] = Field(default_factory=dict, description="{stage: checkpoint}, e.g. lnet_map")
+    cpus_per_trial: float = Field(1.0, gt=0.0, description="CPUs of one trial (the recipe runs in its process)")
+    experiment: str = Field("raysemiseg-label-sweeps", description="MLflow experiment")
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else SQLite in the sweep root")
+
+
 class SweepConfig(StrictModel):
     """A sweep file (``raysemiseg tune SWEEP.yaml``)."""
 
     name: str
-    base: str = Field(description="TrainConfig YAML, relative to the sweep file")
+    kind: Literal["train", "pseudolabel"] = Field(
+        "train", description="train: one Ray Train run per trial; pseudolabel: one pseudo-label recipe run per "
+                             "trial, scored against ground truth (see raysemiseg.tune.label_sweep)")
+    base: str = Field(description="TrainConfig YAML (kind train) or recipe YAML (kind pseudolabel), relative to "
+                                  "the sweep file")
+    labels: LabelSweepDef | None = Field(None, description="kind pseudolabel: the store, rows and checkpoints")
     overrides: dict[str, Any] = Field(default_factory=dict)
     search_space: dict[str, dict[str, Any]]
     derived: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
@@ -94,7 +114,27 @@ class SweepConfig(StrictModel):
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: SweepResources = SweepResources()
-    storage_path: str | None = Field(None, description="sweep folder root (None = <base run.storage_path>/sweeps)")
+    storage_path: str | None = Field(None, description="sweep folder root (None = <base run.storage_path>/sweeps; "
+                                                            "kind pseudolabel: runs/sweeps)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "pseudolabel":
+            data = {"metric": "label_miou", "scheduler": {"name": "fifo"}, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _kind(self) -> "SweepConfig":
+        if self.kind == "pseudolabel":
+            if self.labels is None:
+                raise ValueError("kind pseudolabel needs a 'labels' section (store, split, checkpoint)")
+            if self.scheduler.name != "fifo":
+                raise ValueError("kind pseudolabel: a trial reports once, so early stopping does not apply; "
+                                 "use scheduler {name: fifo}")
+        elif self.labels is not None:
+            raise ValueError("'labels' is only for kind pseudolabel")
+        return self
 
     @field_validator("search_space")
     @classmethod
@@ -127,15 +167,18 @@ class SweepConfig(StrictModel):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
     """Read and validate a sweep file and its base config, before any work starts.
+
+    ``overrides``: dotted keys of the sweep file (``raysemiseg tune --set labels.checkpoint=DIR``).
 
     Every search-space value is checked against the TrainConfig (unknown keys, wrong types,
     invalid method params fail here, naming the key); grids are checked value by value, ranges at
     both ends.
 
     Returns:
-        (sweep, base): the sweep config and the base TrainConfig as a plain dict (overrides applied).
+        (sweep, base): the sweep config and the base TrainConfig (kind train) or recipe (kind
+        pseudolabel) as a plain dict (overrides applied, local paths absolute).
 
     Raises:
         FileNotFoundError: the sweep file or its base does not exist.
@@ -145,6 +188,14 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
     if not p.is_file():
         raise FileNotFoundError(f"sweep file {p} does not exist")
     raw = yaml.safe_load(p.read_text()) or {}
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{p}: --set {key}: {part!r} is not a mapping")
+        node[leaf] = value
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as e:
@@ -154,6 +205,10 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
             lines.append(f"  {loc}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}")
         raise ConfigError("\n".join(lines)) from None
     base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else p.parent / sweep.base
+    if sweep.kind == "pseudolabel":
+        from raysemiseg.tune.label_sweep import load_label_base
+
+        return load_label_sweep_checked(p, sweep, load_label_base(base_path, sweep))
     base_cfg = load_config(base_path, overrides=sweep.overrides)
     base = base_cfg.model_dump(mode="json")
     # trials run in Tune's trial folders: relative local paths are the caller's, made absolute here
@@ -173,6 +228,22 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict[str, Any]]:
             trial_config(base, values, sweep.derived, run_name="probe", storage_path=base["run"]["storage_path"])
         except ConfigError as e:
             raise ConfigError(f"{p}: search space value {values} is invalid:\n{e}") from None
+    return sweep, base
+
+
+def load_label_sweep_checked(p: Path, sweep: SweepConfig, base: dict[str, Any]) -> tuple[SweepConfig, dict[str, Any]]:
+    """Validate every probe point of a pseudo-label sweep against its recipe (see load_sweep)."""
+    from raysemiseg.tune.label_sweep import label_trial_recipe
+
+    for values in probe_values(sweep):
+        try:
+            label_trial_recipe(base, values, sweep.derived)
+        except ValueError as e:
+            raise ConfigError(f"{p}: search space value {values} is invalid:\n{e}") from None
+    for key in sweep.derived:
+        for src in sweep.derived[key]["sum"]:
+            if src not in sweep.search_space:
+                raise ConfigError(f"{p}: derived.{key}: {src!r} is not a search_space key")
     return sweep, base
 
 
@@ -364,8 +435,12 @@ class SweepResult:
     concurrency: int = 1
 
 
-def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: bool = True) -> SweepResult:
+def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: bool = True,
+              overrides: dict[str, Any] | None = None) -> SweepResult:
     """Run the sweep file at ``path`` (see the module docstring) and return its results.
+
+    ``overrides``: dotted keys of the sweep file (as ``raysemiseg tune --set``). A ``kind:
+    pseudolabel`` sweep runs :func:`raysemiseg.tune.label_sweep.run_label_sweep`.
 
     Raises:
         FileNotFoundError / ConfigError / ValueError: invalid sweep, base config or budget,
@@ -379,7 +454,11 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
     from raysemiseg.train.driver import ensure_ray, local_path
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
-    sweep, base = load_sweep(path)
+    sweep, base = load_sweep(path, overrides)
+    if sweep.kind == "pseudolabel":
+        from raysemiseg.tune.label_sweep import run_label_sweep
+
+        return run_label_sweep(path, sweep, base, ray_address=ray_address, print_table=print_table)
     root_str = sweep.storage_path or (base["run"]["storage_path"].rstrip("/") + "/sweeps")
     root = local_path(root_str)
     if root is None:

@@ -63,7 +63,7 @@ class DecoupledParams(MethodParams):
     bridge_width: int = Field(512, ge=8, description="hidden width of the bridging layers")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="sigmoid score above which a label is identified")
     fallback_top1: bool = Field(True, description="no label above threshold -> keep the best one")
-    use_gt_labels: bool = Field(False, description="predict with the given image labels when passed")
+    use_gt_labels: bool = Field(False, description="evaluation passes the given image labels to predict")
     subset_union: bool = Field(True, description="also train one pair for the union of a row's labels (Sec. 5)")
     seg_weight: float = Field(1.0, ge=0.0, description="weight of the segmentation loss in stage 'default'")
     max_pairs: int = Field(64, ge=1, description="cap on (image, label) pairs per batch")
@@ -145,6 +145,7 @@ class DecoupledNet(Method):
     name = "decoupled"
     Params = DecoupledParams
     uses = ("pixel", "image")
+    label_conditioned = True
     STAGES: tuple[str, ...] = ("default", "classify", "segment")
 
     def __init__(self, label_space: LabelSpace, model, params: DecoupledParams | None = None) -> None:
@@ -295,8 +296,9 @@ class DecoupledNet(Method):
         """(N, 3, H, W) normalised images -> (N, C, H, W) logits (see :func:`combine_binary_maps`).
 
         Args:
-            image_labels: optional (N, K) multi-hot; used instead of the classifier's labels when
-                ``use_gt_labels`` is set.
+            image_labels: optional (N, K) multi-hot given labels, used instead of the classifier's
+                labels when passed; evaluators pass them when ``use_gt_labels`` is set or when asked
+                (``raysemiseg eval --given-labels``).
 
         Works under ``torch.no_grad``/``inference_mode``: the saliency's autograd is re-enabled
         locally.
@@ -309,7 +311,7 @@ class DecoupledNet(Method):
             pool5 = pool5.detach()
             with torch.no_grad():
                 scores = self.cls_head(pool5)
-            if p.use_gt_labels and image_labels is not None:
+            if image_labels is not None:
                 labels = image_labels.clone() if image_labels.is_inference() else image_labels
             else:
                 labels = identified_labels(scores, self.fg_ids, self.num_classes, p.threshold, p.fallback_top1)

@@ -56,7 +56,7 @@ class TransferNetParams(MethodParams):
     decoder_width: int = Field(64, ge=4, description="channels of the deconvolution decoder")
     lambda_cls: float = Field(1.0, ge=0.0, description="lambda of Eq. 9 (weight of e_cls)")
     freeze_encoder: bool = Field(True, description="keep the backbone fixed (the paper's encoder is frozen)")
-    use_gt_labels: bool = Field(False, description="TransferNet-GT: predict with the given image labels")
+    use_gt_labels: bool = Field(False, description="TransferNet-GT: evaluation passes the given image labels to predict")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="separate classifier's sigmoid threshold")
     fallback_top1: bool = True
     max_pairs: int = Field(64, ge=1, description="cap on (image, label) pairs per batch")
@@ -95,6 +95,7 @@ class TransferNet(Method):
     name = "transfernet"
     Params = TransferNetParams
     uses = ("pixel", "image")
+    label_conditioned = True
     STAGES: tuple[str, ...] = ("default", "attention", "joint")
 
     def __init__(self, label_space: LabelSpace, model, params: TransferNetParams | None = None) -> None:
@@ -206,12 +207,14 @@ class TransferNet(Method):
         """(N, 3, H, W) normalised images -> (N, C, H, W) logits.
 
         Args:
-            image_labels: (N, K) multi-hot; used when ``use_gt_labels`` (TransferNet-GT).
+            image_labels: optional (N, K) multi-hot given labels (TransferNet-GT), used instead of the
+                separate classifier's labels when passed; evaluators pass them when
+                ``use_gt_labels`` is set or when asked (``raysemiseg eval --given-labels``).
         """
         p: TransferNetParams = self.params
         n, _, h, w = images.shape
         A, hw = self.encode(images)
-        if p.use_gt_labels and image_labels is not None:
+        if image_labels is not None:
             labels = image_labels
         else:
             labels = identified_labels(self.img_cls(A.mean(dim=1)), self.fg_ids, self.num_classes,

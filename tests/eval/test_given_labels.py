@@ -1,0 +1,92 @@
+"""Evaluation with the given image labels (TransferNet-GT, Hong et al. 2016 Sec. 4.3): the shared
+evaluator passes each row's labels to a label-conditioned method's ``predict``, and refuses methods
+that cannot use them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from raysemiseg.config import ModelConfig
+from raysemiseg.data.schema import encode_image, encode_mask
+from raysemiseg.eval.predict import evaluate_rows
+from raysemiseg.labels import builtin
+from raysemiseg.methods import get_method
+from raysemiseg.methods.transfernet import TransferNetParams
+from raysemiseg.train.data import multi_hot_labels
+
+SPACE = builtin("voc21")
+MODEL = ModelConfig(backbone="tiny", pretrained=False, output_stride=8)
+
+
+def _rows() -> pa.Table:
+    rng = np.random.default_rng(0)
+    imgs, masks = [], []
+    for cls in (3, 12):
+        img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        m = np.zeros((48, 64), np.uint8)
+        m[10:30, 10:40] = cls
+        imgs.append(encode_image(img, "png"))
+        masks.append(encode_mask(m))
+    return pa.table({"image_id": ["a", "b"], "image": imgs, "mask": masks,
+                     "labels": pa.array([[3], [12]], pa.list_(pa.int32()))})
+
+
+def test_multi_hot_labels_hand_checked() -> None:
+    v = multi_hot_labels([3, 12, 40], 21)          # 40 is outside the space: ignored
+    assert v.dtype == np.float32 and v.shape == (21,)
+    assert np.flatnonzero(v).tolist() == [0, 3, 12]
+    assert np.flatnonzero(multi_hot_labels(None, 5, background_id=None)).tolist() == []
+
+
+class _Recorder(torch.nn.Module):
+    """Records the image labels ``predict`` receives and predicts the first given foreground label
+    everywhere (a label-conditioned stand-in whose output is known)."""
+
+    name = "recorder"
+    label_conditioned = True
+    num_classes = SPACE.num_classes
+    label_space = SPACE
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[int]] = []
+        self.backbone = torch.nn.Identity()
+        self.backbone.mean, self.backbone.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def predict(self, images: torch.Tensor, image_labels: torch.Tensor | None = None) -> torch.Tensor:
+        n, _, h, w = images.shape
+        out = torch.zeros(n, self.num_classes, h, w)
+        assert image_labels is not None
+        for i in range(n):
+            ids = image_labels[i].nonzero().flatten().tolist()
+            self.seen.append(ids)
+            out[i, ids[-1]] = 1.0
+        return out
+
+
+def test_given_labels_reach_predict_and_score() -> None:
+    m = _Recorder()
+    res = evaluate_rows(m, _rows(), SPACE, given_labels=True, progress=False)
+    assert m.seen == [[0, 3], [0, 12]]
+    # predicting class 3 / 12 over the whole image: IoU of that class = its mask area / image area
+    area = 20 * 30 / (48 * 64)
+    assert res.metrics.iou[3] == pytest.approx(area) and res.metrics.iou[12] == pytest.approx(area)
+    assert res.metrics.iou[0] == pytest.approx(0.0)
+
+
+def test_transfernet_gt_predicts_only_given_labels_and_other_methods_refuse() -> None:
+    torch.manual_seed(0)
+    tn = get_method("transfernet")(SPACE, MODEL, TransferNetParams(attention_dim=8, cls_hidden=16, decoder_width=8))
+    res = evaluate_rows(tn, _rows(), SPACE, given_labels=True, progress=False, num_samples=2)
+    for s, given in zip(res.samples, ([0, 3], [0, 12])):
+        assert set(np.unique(s.pred).tolist()) <= set(given)
+    so = get_method("strong_only")(SPACE, MODEL)
+    with pytest.raises(ValueError, match="'strong_only' does not predict from given image labels"):
+        evaluate_rows(so, _rows(), SPACE, given_labels=True, progress=False)
+    assert tn.eval_with_given_labels is False
+    gt = get_method("transfernet")(SPACE, MODEL, TransferNetParams(attention_dim=8, cls_hidden=16, decoder_width=8,
+                                                                    use_gt_labels=True))
+    assert gt.eval_with_given_labels is True and so.eval_with_given_labels is False
