@@ -76,7 +76,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     elif addr:
         ray.init(address=addr, log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
+    # address="local": a fresh instance even when another Ray runs on this machine (a bare ray.init()
+    # would join that one, e.g. a test cluster, and then refuse num_cpus)
+    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
              _node_ip_address="127.0.0.1", configure_logging=False)
 
 

@@ -1,0 +1,169 @@
+"""Every shipped ``configs/methods/*.yaml`` validates and trains (at smoke size: tiny backbone, 64 px
+crops, 2 steps) through ``jobs/train.py``, the entry point ``ray job submit`` runs; one of them goes
+through a real ``ray job submit`` to a Ray head with its job server on 127.0.0.1.
+
+Only the sizes and the prepared inputs are overridden (store, split file, label store, the
+Cross-Pretrain checkpoint, which the configs' comments say how to prepare): every method section
+(method, stage, parameters, strong fraction) is the shipped one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysemiseg.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+# trained at smoke size: one config per method, plus the WSSL variants that read other inputs (a label
+# store, a Cross-Pretrain checkpoint); the remaining WSSL configs differ only in E-step parameters,
+# which tests/methods/test_wssl.py covers, and are validated below
+TRAINED = [p for p in CONFIGS if p.stem in {"strong_only", "wssl_fixed_semi", "wssl_bbox_rect", "wssl_cross_pretrain",
+                                            "dual_branch", "decoupled", "transfernet", "lnet", "lnet_pnet"}]
+SMOKE = {"data.crop_size": 64, "data.batch_size": 4, "data.max_train_rows": 24, "data.max_val_rows": 4,
+         "data.val_size": 96, "data.shuffle_buffer": 8, "model.backbone": "tiny", "model.pretrained": False,
+         "optim.epochs": 1, "optim.steps_per_epoch": 2, "optim.amp": False, "scaling.num_workers": 1,
+         "scaling.cpus_per_worker": 1, "scaling.use_gpu": False, "run.max_failures": 0, "tracking.enabled": False}
+
+
+def test_every_method_config_validates_and_every_method_has_one() -> None:
+    from raysemiseg.methods.base import METHODS, get_method
+
+    names = set()
+    for p in CONFIGS:
+        cfg = load_config(p)
+        get_method(cfg.method.name)
+        cfg.method.build_params()
+        names.add(cfg.method.name)
+    seed_methods = {"strong_only", "wssl", "dual_branch", "decoupled", "transfernet", "lnet", "lnet_pnet"}
+    assert seed_methods <= names <= set(METHODS)
+    assert {load_config(p).method.name for p in TRAINED} == names and len(TRAINED) == 9
+
+
+@pytest.fixture(scope="module")
+def prepared(sample_store, tmp_path_factory) -> dict[str, str]:
+    """The inputs the configs' comments say to prepare, made from the sample store."""
+    import torch
+
+    from raysemiseg.data.splits import SplitSpec, make_split, write_split
+    from raysemiseg.labels import builtin
+    from raysemiseg.methods.base import get_method
+    from raysemiseg.pseudolabel.pipeline import load_recipe, run_pipeline
+    from raysemiseg.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("prepared")
+    out = {"store": str(sample_store),
+           "i3s": str(write_split(make_split(sample_store, SplitSpec("i3s-fraction", fraction=0.25, seed=0)),
+                                  root / "i3s-25-seed0.parquet")),
+           "c3s": str(write_split(make_split(sample_store, SplitSpec("c3s", split_set=1)), root / "c3s-1-seed0.parquet"))}
+    run_pipeline(load_recipe(ROOT / "configs/pseudolabel/bbox_rect.yaml", {"splits": ["train"]}), sample_store,
+                 root / "labels-bbox-rect", progress=False)
+    out["labels"] = str(root / "labels-bbox-rect")
+    # Cross-Pretrain source: a tiny COCO-80 WSSL network (the config replaces its classifier)
+    cross = load_config(ROOT / "configs/methods/wssl_cross_pretrain.yaml",
+                        overrides={**SMOKE, "label_space": "coco80", "method.params.init_from": None})
+    torch.manual_seed(0)
+    m = get_method("wssl")(builtin("coco80"), cross.model, cross.method.build_params())
+    out["cross"] = str(save_checkpoint(root / "coco80-pretrain", m, cross, builtin("coco80")))
+    return out
+
+
+def smoke_overrides(config: Path, prepared: dict[str, str], runs: Path) -> list[str]:
+    """``--set`` items for ``jobs/train.py``: the smoke sizes plus the prepared inputs."""
+    raw = yaml.safe_load(config.read_text())
+    over = {**SMOKE, "data.store": prepared["store"], "run.storage_path": str(runs)}
+    split = (raw.get("data") or {}).get("split_file")
+    if split:
+        over["data.split_file"] = prepared["c3s" if "c3s" in split else "i3s"]
+    if (raw.get("data") or {}).get("label_store"):
+        over["data.label_store"] = prepared["labels"]
+    if ((raw.get("method") or {}).get("params") or {}).get("init_from"):
+        over["method.params.init_from"] = prepared["cross"]
+    return [f"{k}={json.dumps(v)}" for k, v in over.items()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", TRAINED, ids=[p.stem for p in TRAINED])
+def test_method_config_trains_through_the_job_entry_point(ray_session, prepared, config, tmp_path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import train as train_job
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    argv = ["--config", str(config)]
+    for item in smoke_overrides(config, prepared, tmp_path / "runs"):
+        argv += ["--set", item]
+    assert train_job.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epoch"] == 1 and 0.0 <= out["val_miou"] <= 1.0
+    assert (Path(out["best_checkpoint"]) / "model.pt").is_file()
+    saved = load_config(Path(out["best_checkpoint"]) / "config.yaml")
+    shipped = load_config(config)
+    assert (saved.method.name, saved.method.stage) == (shipped.method.name, shipped.method.stage)
+    assert saved.data.strong_fraction == shipped.data.strong_fraction
+
+
+JOB_SCRIPT = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from ray.cluster_utils import Cluster
+
+    port, agent_port = int(sys.argv[1]), int(sys.argv[2])
+    # the job agent gets its own HTTP port: the default one (52365) is taken by any other Ray on the machine
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        dashboard_agent_listen_port=agent_port, object_store_memory=200 * 1024 * 1024))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        for attempt in range(20):  # the head's job agent starts a few seconds after the head
+            proc = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{port}",
+                                   "--working-dir", sys.argv[3], "--", "python", "jobs/train.py", *sys.argv[4:]],
+                                  env=env, capture_output=True, text=True, timeout=420, cwd=sys.argv[3])
+            if "No available agent" not in proc.stderr:
+                break
+            time.sleep(3)
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr[-6000:])
+        sys.exit(proc.returncode)
+    finally:
+        cluster.shutdown()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_method_config(prepared, tmp_path) -> None:
+    """``ray job submit --working-dir . -- python jobs/train.py --config configs/methods/dual_branch.yaml``
+    (README, "Running on a cluster") against a real head with the job server; the job's own output
+    carries the training result and ``ray job submit`` exits 0 only when the job SUCCEEDED."""
+    config = ROOT / "configs" / "methods" / "dual_branch.yaml"
+    args = ["--config", str(config.relative_to(ROOT))]
+    for item in smoke_overrides(config, prepared, tmp_path / "runs"):
+        args += ["--set", item]
+    script = tmp_path / "submit.py"
+    script.write_text(JOB_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the head runs job entrypoints with its own PATH: this interpreter's `python` first, as on a cluster
+    # node whose image has the package installed
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(_free_port()), str(ROOT), *args],
+                          capture_output=True, text=True, timeout=560, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", plain), plain[-2000:]
+    result = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"run_dir"'))
+    assert result["epoch"] == 1 and (Path(result["best_checkpoint"]) / "model.pt").is_file()
