@@ -113,7 +113,7 @@ def main() -> None:
 
     from raysemiseg.data.schema import decode_image
     from raysemiseg.data.store import Source, build_store, open_store
-    from raysemiseg.labels import LabelSpace, builtin
+    from raysemiseg.labels import LabelSpace
     from raysemiseg.pseudolabel.bbox import bbox_rect, bbox_seg
     from raysemiseg.pseudolabel.crf import CRFParams, crf_labels, dense_crf
     from raysemiseg.pseudolabel.em import EStepParams, e_step_present

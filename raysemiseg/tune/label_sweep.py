@@ -219,7 +219,8 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     from ray import tune
 
     from raysemiseg.train.driver import ensure_ray, local_path
-    from raysemiseg.tune.sweep import SweepResult, format_table, param_space, result_rows
+    from raysemiseg.tune.sweep import (SweepResult, best_row, finish_parent, format_table, param_space,
+                                       print_result, result_rows)
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
     root_str = sweep.storage_path or "runs/sweeps"
@@ -256,28 +257,18 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     try:
         rows = result_rows(tuner.fit(), sweep, max_t=1)
         table = format_table(rows, sweep)
-        ok = [r for r in rows if r["best"] is not None]
-        if not ok:
-            errors = [r["error"] for r in rows if r["error"]]
-            raise RuntimeError(f"sweep {sweep.name!r}: every trial failed; first error: {errors[:1]}")
-        best = max(ok, key=lambda r: r["best"]) if sweep.mode == "max" else min(ok, key=lambda r: r["best"])
+        best = best_row(rows, sweep)
         best_recipe = label_trial_recipe(base, best["sampled"], sweep.derived)
         best_path = sweep_dir / "best.yaml"
         best_path.write_text(f"# best trial {best['trial']} of sweep {sweep.name} ({sweep.metric} {best['best']:.4f})\n"
                              + yaml.safe_dump(json.loads(best_recipe.model_dump_json(exclude_defaults=True)),
                                               sort_keys=False))
-        parent.log_metrics({f"best_{sweep.metric}": best["best"], "trials": len(rows)})
-        parent.log_params({"best_trial": best["trial"]})
-        parent.log_text(table, "results.txt")
-        parent.log_artifact(best_path)
-        parent.end("FINISHED")
+        finish_parent(parent, sweep, best, rows, table, best_path)
     except BaseException:
         parent.end("FAILED")
         raise
     if print_table:
-        print(table)
-        print(f"\nbest: {best['trial']} {sweep.metric}={best['best']:.4f} -> {best_path}")
-        print(f"MLflow: parent run {parent.run_id} in {uri}\n  open with: {parent.ui_command()}")
+        print_result(sweep, best, table, best_path, parent, uri)
     return SweepResult(sweep_dir, best_path, float(best["best"]), table, rows, parent.run_id, uri, concurrency)
 
 

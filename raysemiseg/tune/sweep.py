@@ -505,33 +505,53 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
         grid = tuner.fit()
         rows = result_rows(grid, sweep, max_t)
         table = format_table(rows, sweep)
-        ok = [r for r in rows if r["best"] is not None]
-        if not ok:
-            errors = [r["error"] for r in rows if r["error"]]
-            raise RuntimeError(f"sweep {sweep.name!r}: every trial failed; first error: {errors[:1]}")
-        best = max(ok, key=lambda r: r["best"]) if sweep.mode == "max" else min(ok, key=lambda r: r["best"])
+        best = best_row(rows, sweep)
         best_cfg = trial_config(base, best["sampled"], sweep.derived, run_name=f"{sweep.name}-best",
                                 storage_path=base["run"]["storage_path"])
         best_path = sweep_dir / "best.yaml"
         dump_config(best_cfg, best_path)
         if parent is not None:
             reconcile_children(parent, rows)
-            parent.log_metrics({f"best_{sweep.metric}": best["best"], "trials": len(rows)})
-            parent.log_params({"best_trial": best["trial"]})
-            parent.log_text(table, "results.txt")
-            parent.log_artifact(best_path)
-            parent.end("FINISHED")
+            finish_parent(parent, sweep, best, rows, table, best_path)
     except BaseException:
         if parent is not None:
             parent.end("FAILED")
         raise
     if print_table:
-        print(table)
-        print(f"\nbest: {best['trial']} {sweep.metric}={best['best']:.4f} -> {best_path}")
-        if parent is not None:
-            print(f"MLflow: parent run {parent.run_id} in {uri}\n  open with: {parent.ui_command()}")
+        print_result(sweep, best, table, best_path, parent, uri)
     return SweepResult(sweep_dir, best_path, float(best["best"]), table, rows,
                        parent.run_id if parent else None, uri if parent else None, concurrency)
+
+
+def best_row(rows: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any]:
+    """The best trial's row by ``sweep.metric`` / ``sweep.mode``.
+
+    Raises:
+        RuntimeError: every trial failed (the first error is included).
+    """
+    ok = [r for r in rows if r["best"] is not None]
+    if not ok:
+        errors = [r["error"] for r in rows if r["error"]]
+        raise RuntimeError(f"sweep {sweep.name!r}: every trial failed; first error: {errors[:1]}")
+    return max(ok, key=lambda r: r["best"]) if sweep.mode == "max" else min(ok, key=lambda r: r["best"])
+
+
+def finish_parent(parent: Any, sweep: SweepConfig, best: dict[str, Any], rows: list[dict[str, Any]], table: str,
+                  best_path: Path) -> None:
+    """Log the sweep's outcome on its parent MLflow run (best metric, trial, table, best config) and close it."""
+    parent.log_metrics({f"best_{sweep.metric}": best["best"], "trials": len(rows)})
+    parent.log_params({"best_trial": best["trial"]})
+    parent.log_text(table, "results.txt")
+    parent.log_artifact(best_path)
+    parent.end("FINISHED")
+
+
+def print_result(sweep: SweepConfig, best: dict[str, Any], table: str, best_path: Path, parent: Any, uri: str) -> None:
+    """The results table, the best trial and where the MLflow runs are."""
+    print(table)
+    print(f"\nbest: {best['trial']} {sweep.metric}={best['best']:.4f} -> {best_path}")
+    if parent is not None:
+        print(f"MLflow: parent run {parent.run_id} in {uri}\n  open with: {parent.ui_command()}")
 
 
 def result_rows(grid: Any, sweep: SweepConfig, max_t: int) -> list[dict[str, Any]]:

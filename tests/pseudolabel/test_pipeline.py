@@ -115,6 +115,7 @@ def test_killed_run_then_rerun_matches_uninterrupted(sample_store: Path, tmp_pat
     assert (resumed.shards_run, resumed.shards_skipped) == (2, 1)
     assert not list((killed / "shards").glob(".*.tmp"))
     full = run_pipeline(recipe, sample_store, tmp_path / "full", progress=False)
+    assert (full.rows_in, full.written + full.quarantined, full.shards_run) == (18, 18, 3)
     a, b = _rows(killed), _rows(tmp_path / "full")
     assert len(a) + resumed.quarantined == 18 and list(a) == list(b)       # same rows, same order, no dups
     assert all(a[k] == b[k] for k in a)                                     # identical masks
@@ -175,6 +176,7 @@ def test_task_unit_smaller_than_shard_gives_the_uninterrupted_rows(sample_store:
     assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 4}), 5, 2) == 4
     a = run_pipeline(one, sample_store, tmp_path / "one", progress=False)
     b = run_pipeline(many, sample_store, tmp_path / "many", progress=False)
+    assert (a.rows_in, a.shards_total, a.written + a.quarantined) == (12, 2, 12)
     assert (b.rows_in, b.shards_total, b.written + b.quarantined) == (12, 2, 12)
     ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "many")
     assert list(ra) == list(rb) and all(ra[k] == rb[k] for k in ra)
