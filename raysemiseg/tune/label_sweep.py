@@ -219,7 +219,7 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     from ray import tune
 
     from raysemiseg.train.driver import ensure_ray, local_path
-    from raysemiseg.tune.sweep import (SweepResult, best_row, finish_parent, format_table, param_space,
+    from raysemiseg.tune.sweep import (SweepResult, best_row, finish_parent, format_table, local_cpus, param_space,
                                        print_result, result_rows)
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
@@ -230,7 +230,7 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     root = root.resolve()
     sweep_dir = root / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources))
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
     need = base["cpus_per_trial"]
     fits = int(math.floor(cpus / need + 1e-9))

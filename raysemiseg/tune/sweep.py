@@ -79,6 +79,10 @@ class SweepResources(StrictModel):
                                   "request when driver_cpus is 0: Tune needs a non-empty resource request)")
     data_cpus: float = Field(1.0, ge=0.0, description="CPUs kept free per trial for Ray Data reads")
     max_concurrent_trials: int | None = Field(None, ge=1, description="cap; None = as many as fit")
+    local_num_cpus: int | None = Field(
+        None, ge=2, description="logical CPUs of the local Ray a sweep starts when no cluster is given; None = "
+                                "cores + 1 (on 2 cores a trial's second Train run hung with exactly 2: the slack "
+                                "keeps a Data read schedulable while the previous trial's actors wind down)")
 
 
 class LabelSweepDef(StrictModel):
@@ -299,6 +303,13 @@ def trial_cpus(base: dict[str, Any], res: SweepResources) -> float:
     return res.driver_cpus + sc["num_workers"] * sc["cpus_per_worker"] + res.data_cpus
 
 
+def local_cpus(res: SweepResources) -> int:
+    """Logical CPUs of a local Ray started for a sweep: ``res.local_num_cpus`` or cores + 1."""
+    import os
+
+    return res.local_num_cpus or max(os.cpu_count() or 1, 2) + 1
+
+
 def plan_concurrency(cluster_cpus: float, base: dict[str, Any], res: SweepResources) -> int:
     """How many trials may run at once without starving Ray Data (see module docstring).
 
@@ -466,7 +477,7 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
     sweep_dir = root / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources))
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
     concurrency = plan_concurrency(cpus, base, sweep.resources)
 

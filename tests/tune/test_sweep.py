@@ -72,8 +72,14 @@ def test_sweep_validation_before_work(tmp_path):
 
 
 def test_concurrency_budget_cannot_starve_data():
+    import os
+
+    from raysemiseg.tune.sweep import local_cpus
+
     base = {"scaling": {"num_workers": 1, "cpus_per_worker": 1.0}}
     res = SweepResources(driver_cpus=0.0, data_cpus=1.0)
+    assert local_cpus(res) == max(os.cpu_count() or 1, 2) + 1 and local_cpus(SweepResources(local_num_cpus=5)) == 5
+    assert plan_concurrency(local_cpus(res), base, res) >= 1     # a local sweep always fits one trial
     assert plan_concurrency(2, base, res) == 1          # 2-CPU machine: one trial at a time
     assert plan_concurrency(4, base, res) == 2
     assert plan_concurrency(8, base, SweepResources(max_concurrent_trials=3)) == 3
