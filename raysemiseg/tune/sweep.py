@@ -194,7 +194,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
     raw = yaml.safe_load(p.read_text()) or {}
     for key, value in (overrides or {}).items():
         node = raw
-        *parents, leaf = key.split(".")
+        head, _, rest = key.partition(".")
+        # sections whose own keys are dotted config keys: overrides.optim.lr -> raw["overrides"]["optim.lr"]
+        *parents, leaf = [head, rest] if head in ("overrides", "search_space", "derived") and rest else key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

@@ -56,6 +56,9 @@ def test_sweep_validation_before_work(tmp_path):
     assert grid_size(sweep) == 2 and base_d["method"]["name"] == "dual_branch"
     # trials run in Tune's own folders: the relative store path is the caller's, made absolute
     assert base_d["data"]["store"] == str(Path("nowhere").resolve())
+    # --set: nested keys, and the dotted config keys of `overrides` kept whole
+    _, over = load_sweep(tmp_path / "s.yaml", {"overrides.optim.epochs": 1, "resources.data_cpus": 0.5})
+    assert over["optim"]["epochs"] == 1
     bad_value = {**good, "search_space": {"method.params.neck_depth": {"grid": [0, 4]}}}   # n in 0..3
     (tmp_path / "b1.yaml").write_text(yaml.safe_dump(bad_value))
     with pytest.raises(ConfigError, match="neck_depth"):
