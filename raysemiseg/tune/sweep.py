@@ -81,8 +81,8 @@ class SweepResources(StrictModel):
     max_concurrent_trials: int | None = Field(None, ge=1, description="cap; None = as many as fit")
     local_num_cpus: int | None = Field(
         None, ge=2, description="logical CPUs of the local Ray a sweep starts when no cluster is given; None = "
-                                "cores + 1 (on 2 cores a trial's second Train run hung with exactly 2: the slack "
-                                "keeps a Data read schedulable while the previous trial's actors wind down)")
+                                "cores + 1 (slack for Ray Data next to the Train worker; on 2 cores the wssl_bias sweep "
+                                "still hung on its 3rd trial, every process idle: not yet understood)")
 
 
 class LabelSweepDef(StrictModel):
