@@ -24,7 +24,7 @@ from tqdm import tqdm
 from raysemiseg.eval.metrics import ConfusionMatrix, SegMetrics
 from raysemiseg.labels import LabelSpace
 from raysemiseg.train.data import iter_val_rows
-from raysemiseg.train.loop import given_labels_vector, normalisation, predict_logits
+from raysemiseg.train.loop import given_labels_vector, normalisation, predict_logits, require_label_conditioned
 
 
 @dataclass
@@ -94,9 +94,8 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
     Raises:
         ValueError: ``given_labels`` for a method that is not label-conditioned.
     """
-    if given_labels and not getattr(method, "label_conditioned", False):
-        raise ValueError(f"method {getattr(method, 'name', type(method).__name__)!r} does not predict from given "
-                         "image labels (only label-conditioned methods: transfernet, decoupled)")
+    if given_labels:
+        require_label_conditioned(method)   # before any row is read
     dev = torch.device(device)
     method.to(dev).eval()
     mean, std = normalisation(method)

@@ -265,6 +265,13 @@ def predict_logits(method: nn.Module, image: np.ndarray, mean: Any, std: Any, de
     return logits[0]
 
 
+def require_label_conditioned(method: nn.Module) -> None:
+    """Raises ValueError unless ``method.predict`` conditions on given image labels (``label_conditioned``)."""
+    if not getattr(method, "label_conditioned", False):
+        raise ValueError(f"method {getattr(method, 'name', type(method).__name__)!r} does not predict from given "
+                         "image labels (only label-conditioned methods: transfernet, decoupled)")
+
+
 def given_labels_vector(method: nn.Module, row: dict[str, Any], given_labels: bool) -> np.ndarray | None:
     """The (K,) multi-hot of ``row["labels"]`` when evaluating with given labels, else None.
 
@@ -274,9 +281,7 @@ def given_labels_vector(method: nn.Module, row: dict[str, Any], given_labels: bo
     """
     if not given_labels:
         return None
-    if not getattr(method, "label_conditioned", False):
-        raise ValueError(f"method {getattr(method, 'name', type(method).__name__)!r} does not predict from given "
-                         "image labels (only label-conditioned methods: transfernet, decoupled)")
+    require_label_conditioned(method)
     if row.get("labels") is None:
         raise ValueError(f"row {row.get('image_id')}: no 'labels' column to predict with given labels")
     bg = getattr(getattr(method, "label_space", None), "background_id", 0)

@@ -210,6 +210,12 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
             loc = ".".join(str(x) for x in err["loc"])
             lines.append(f"  {loc}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+    for key in sweep.derived:   # one check for both kinds, before either base is read
+        if "." not in key:
+            raise ConfigError(f"{p}: derived.{key}: the target must be a dotted config key")
+        for src in sweep.derived[key]["sum"]:
+            if src not in sweep.search_space:
+                raise ConfigError(f"{p}: derived.{key}: {src!r} is not a search_space key")
     base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else p.parent / sweep.base
     if sweep.kind == "pseudolabel":
         from raysemiseg.tune.label_sweep import load_label_base
@@ -223,12 +229,6 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
         v = base[section].get(key)
         if isinstance(v, str) and v and "://" not in v and not Path(v).is_absolute():
             base[section][key] = str(Path(v).resolve())
-    for key in sweep.derived:
-        if "." not in key:
-            raise ConfigError(f"{p}: derived.{key}: the target must be a dotted config key")
-        for src in sweep.derived[key]["sum"]:
-            if src not in sweep.search_space:
-                raise ConfigError(f"{p}: derived.{key}: {src!r} is not a search_space key")
     for values in probe_values(sweep):
         try:
             trial_config(base, values, sweep.derived, run_name="probe", storage_path=base["run"]["storage_path"])
@@ -246,10 +246,6 @@ def load_label_sweep_checked(p: Path, sweep: SweepConfig, base: dict[str, Any]) 
             label_trial_recipe(base, values, sweep.derived)
         except ValueError as e:
             raise ConfigError(f"{p}: search space value {values} is invalid:\n{e}") from None
-    for key in sweep.derived:
-        for src in sweep.derived[key]["sum"]:
-            if src not in sweep.search_space:
-                raise ConfigError(f"{p}: derived.{key}: {src!r} is not a search_space key")
     return sweep, base
 
 
