@@ -20,14 +20,16 @@ RAY_TEST_CPUS = 4
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray head for all tests (127.0.0.1, no dashboard)."""
+    """A local Ray head for all tests (127.0.0.1), with its dashboard on 127.0.0.1: the State API it
+    serves is what Ray Train uses to free the workers of a Tune trial the scheduler stopped."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             address="local",  # a fresh local instance, never a cluster left by `ray start` on this machine
             num_cpus=RAY_TEST_CPUS,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             configure_logging=False,
             _node_ip_address="127.0.0.1",

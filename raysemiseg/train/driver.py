@@ -78,8 +78,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     # address="local": a fresh instance even when another Ray runs on this machine (a bare ray.init()
     # would join that one, e.g. a test cluster, and then refuse num_cpus)
-    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=False,
-             _node_ip_address="127.0.0.1", configure_logging=False)
+    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=True,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:

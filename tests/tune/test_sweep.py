@@ -4,6 +4,8 @@ file-backed (SQLite) store and a best-config YAML that load_config accepts."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -92,12 +94,43 @@ def test_concurrency_budget_cannot_starve_data():
         plan_concurrency(2, {"scaling": {"num_workers": 2, "cpus_per_worker": 1.0}}, res)
 
 
+def created_placement_groups() -> set[str]:
+    """Ids of the placement groups that still hold resources."""
+    import ray
+
+    return {pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] == "CREATED"}
+
+
+STATE_API_SCRIPT = """
+import ray
+from raysemiseg.tune.sweep import require_state_api
+ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+try:
+    require_state_api(timeout_s=5)
+except RuntimeError as e:
+    print("REFUSED:", e)
+"""
+
+
+def test_sweep_refuses_a_cluster_without_state_api(tmp_path):
+    """A cluster without the dashboard cannot free a stopped trial's workers: refused up front."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", STATE_API_SCRIPT], capture_output=True, text=True, timeout=180,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED: a Tune sweep needs Ray's State API" in proc.stdout and "--include-dashboard" in proc.stdout
+
+
 def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, sample_split, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from raysemiseg.tune.sweep import run_sweep
 
     write_base(tmp_path, sample_store, sample_split)
+    before = created_placement_groups()
     result = run_sweep(write_sweep(tmp_path))
     out = capsys.readouterr().out
     assert "sweep tiny_bias: 2 trials" in out and "best:" in out
@@ -120,6 +153,13 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
         assert "final/val_miou" in child.data.metrics
         assert any(k.startswith("final/val_iou/") for k in child.data.metrics)
         assert len(client.get_metric_history(child.info.run_id, "val_miou")) >= 1
+
+    # every trial Tune stopped (here at max_t) has its Train workers' placement group freed, so the
+    # next trial of a small cluster gets its CPUs (without the State API it stayed reserved for good)
+    deadline = time.monotonic() + 30
+    while created_placement_groups() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not created_placement_groups() - before, "a stopped trial's placement group was never removed"
 
     cfg = load_config(result.best_config_path)
     assert cfg.method.name == "wssl" and cfg.run.name == "tiny_bias-best"
