@@ -62,9 +62,10 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -73,21 +74,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raysemiseg.data.schema import (
-    BOX_TYPE, IMAGE_STORE_SCHEMA, LABEL_STORE_SCHEMA, QUARANTINE_SCHEMA, decode_image, encode_mask,
+    BOX_TYPE,
+    IMAGE_STORE_SCHEMA,
+    LABEL_STORE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    decode_image,
+    encode_mask,
 )
 
 __all__ = [
-    "Recipe",
-    "RunResult",
     "STAGES",
     "LNetMapStageParams",
+    "Recipe",
+    "RunResult",
     "StageSpec",
+    "auto_rows_per_task",
     "load_recipe",
     "plan_shards",
     "run_pipeline",
     "run_serial",
     "task_items",
-    "auto_rows_per_task",
 ]
 
 #: set to N to SIGKILL the driver right after the N-th shard of a run is committed (tests only)
@@ -139,7 +145,7 @@ class ScoresStageParams(_Strict):
     input_scale: float = Field(1.0, gt=0.0, le=2.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _em_params_model() -> type[BaseModel]:
     from raysemiseg.pseudolabel.em import EStepParams
 
@@ -194,7 +200,7 @@ class StageSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known(self) -> "StageSpec":
+    def _known(self) -> StageSpec:
         if self.name not in STAGES:
             raise ValueError(f"unknown stage {self.name!r}; valid: {sorted(STAGES)}")
         try:
@@ -224,9 +230,13 @@ class Recipe(_Strict):
         rows_per_task: rows per Ray Data input block (the task unit; never spans two shards);
             None = :func:`auto_rows_per_task` (about 4 blocks per CPU). Does not change the output
             (not part of :meth:`digest`), so it may differ between a run and its resume.
-        model_actors: actors in each model stage's pool when the model stages run on GPUs. On a
-            CPU-only cluster the whole chain runs in tasks instead, models cached per worker
-            process (see :func:`run_pipeline`).
+        model_actors: actors in each model stage's pool when the stages run ``staged``.
+        execution: ``chain``: one Ray Data task per input item reads the rows and runs every stage
+            of the recipe (models cached per worker process), so images never cross processes;
+            ``staged``: a read task, then one operator per fused group of CPU stages (tasks) and
+            per model stage (an actor pool, with ``gpus_per_model_actor``); ``auto``: staged when
+            the model stages get GPUs, else chain (see :func:`run_pipeline`). Same output either
+            way (not part of :meth:`digest`).
         gpus_per_model_actor: GPUs per model actor; None = 1 when the cluster has GPUs, else 0.
         cpus_per_task: CPUs reserved by each CPU-stage task.
         save_confidence: write the ``confidence`` column when a stage gives one.
@@ -243,12 +253,13 @@ class Recipe(_Strict):
     batch_size: int = Field(4, ge=1)
     rows_per_task: int | None = Field(None, ge=1)
     model_actors: int = Field(1, ge=1)
+    execution: Literal["auto", "chain", "staged"] = "auto"
     gpus_per_model_actor: float | None = Field(None, ge=0)
     cpus_per_task: float = Field(1.0, gt=0)
     save_confidence: bool = True
 
     @model_validator(mode="after")
-    def _chain(self) -> "Recipe":
+    def _chain(self) -> Recipe:
         if not self.stages:
             raise ValueError("a recipe needs at least one stage")
         have: set[str] = set()
@@ -276,7 +287,7 @@ class Recipe(_Strict):
         """``{stage name: checkpoint}`` of the stages that name their own checkpoint."""
         return {s.name: str(s.params["checkpoint"]) for s in self.stages if s.params.get("checkpoint")}
 
-    def with_stage_checkpoints(self, stage_checkpoints: dict[str, str] | None) -> "Recipe":
+    def with_stage_checkpoints(self, stage_checkpoints: dict[str, str] | None) -> Recipe:
         """A copy with ``checkpoint`` set in the params of the named stages.
 
         Raises:
@@ -473,7 +484,7 @@ def _read_chunks(batch: pa.Table, store_files: list[str]) -> pa.Table:
     return pa.Table.from_pylist(out, schema=_FLOW_SCHEMA)
 
 
-def task_items(plan: "ShardPlan", pending: Sequence[int], rows_per_task: int) -> list[dict[str, Any]]:
+def task_items(plan: ShardPlan, pending: Sequence[int], rows_per_task: int) -> list[dict[str, Any]]:
     """Cut the pending shards into Ray Data input items of at most ``rows_per_task`` rows.
 
     The shard is the commit unit (resume granularity, one file on disk); the item is the task unit
@@ -522,7 +533,7 @@ def _weights_stamp(checkpoint: str | None) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4)
 def _cached_model_stage(name: str, params_json: str, checkpoint: str | None, background_id: int, num_classes: int,
-                        stamp: tuple[int, int]) -> "_ModelStage":
+                        stamp: tuple[int, int]) -> _ModelStage:
     """A CPU model stage built once per worker process and reused by later tasks (and later runs on
     the same cluster); keyed by the weights file's (mtime, size) so a rewritten checkpoint reloads."""
     return _ModelStage(name, json.loads(params_json), checkpoint, _Ctx(background_id, num_classes), use_gpu=False)
@@ -964,9 +975,9 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
             read_kw = {"batch_size": 1, "batch_format": "pyarrow", "fn_kwargs": {"store_files": plan.files}}
             groups = _groups(recipe)
             ckpt_s = str(checkpoint) if checkpoint else None
-            if recipe.needs_model and not use_gpu:
-                # CPU-only: one task per item runs read + every stage of the chain (models cached per
-                # worker process), so every CPU works on whole images and no state crosses processes
+            if recipe.execution == "chain" or (recipe.execution == "auto" and not use_gpu):
+                # one task per item runs read + every stage of the chain (models cached per worker
+                # process): every CPU works on whole images and no image or state crosses processes
                 ds = ds.map_batches(_chain_task, batch_size=1, batch_format="pyarrow", num_cpus=recipe.cpus_per_task,
                                     fn_kwargs={"groups": groups, "checkpoint": ckpt_s, "ctx": ctx,
                                                "save_confidence": recipe.save_confidence, "store_files": plan.files})

@@ -219,8 +219,17 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     from ray import tune
 
     from raysemiseg.train.driver import ensure_ray, local_path
-    from raysemiseg.tune.sweep import (SweepResult, best_row, finish_parent, format_table, local_cpus, param_space,
-                                       print_result, result_rows)
+    from raysemiseg.tune.sweep import (
+        SweepResult,
+        best_row,
+        finish_parent,
+        format_table,
+        local_cpus,
+        param_space,
+        print_result,
+        result_rows,
+        sweep_run_key,
+    )
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
     root_str = sweep.storage_path or "runs/sweeps"
@@ -242,7 +251,7 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     concurrency = min(fits, cap or fits)
 
     uri, art = resolve_tracking_uri(base["tracking_uri"], str(root))
-    parent = Tracker(uri, base["experiment"], run_name=sweep.name, run_key=str(sweep_dir), artifact_location=art)
+    parent = Tracker(uri, base["experiment"], run_name=sweep.name, run_key=sweep_run_key(sweep_dir), artifact_location=art)
     parent.start()
     parent.set_tags({"raysemiseg.sweep": sweep.name, "raysemiseg.kind": "pseudolabel-sweep"})
     parent.log_params({"sweep": sweep.model_dump(mode="json"), "cluster_cpus": cpus,

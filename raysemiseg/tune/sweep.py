@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,8 +82,7 @@ class SweepResources(StrictModel):
     max_concurrent_trials: int | None = Field(None, ge=1, description="cap; None = as many as fit")
     local_num_cpus: int | None = Field(
         None, ge=2, description="logical CPUs of the local Ray a sweep starts when no cluster is given; None = "
-                                "cores + 1 (slack for Ray Data next to the Train worker; on 2 cores the wssl_bias sweep "
-                                "still hung on its 3rd trial, every process idle: not yet understood)")
+                                "cores + 1 (slack for Ray Data's tasks next to the Train worker)")
 
 
 class LabelSweepDef(StrictModel):
@@ -129,7 +129,7 @@ class SweepConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _kind(self) -> "SweepConfig":
+    def _kind(self) -> SweepConfig:
         if self.kind == "pseudolabel":
             if self.labels is None:
                 raise ValueError("kind pseudolabel needs a 'labels' section (store, split, checkpoint)")
@@ -509,7 +509,7 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
     experiment = base["tracking"]["experiment"]
     parent = None
     if base["tracking"]["enabled"]:
-        parent = Tracker(uri, experiment, run_name=sweep.name, run_key=str(sweep_dir), artifact_location=art)
+        parent = Tracker(uri, experiment, run_name=sweep.name, run_key=sweep_run_key(sweep_dir), artifact_location=art)
         parent.start()
         parent.set_tags({"raysemiseg.sweep": sweep.name, "raysemiseg.kind": "sweep"})
         parent.log_params({"sweep": sweep.model_dump(mode="json"), "cluster_cpus": cpus,
@@ -556,6 +556,16 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
         print_result(sweep, best, table, best_path, parent, uri)
     return SweepResult(sweep_dir, best_path, float(best["best"]), table, rows,
                        parent.run_id if parent else None, uri if parent else None, concurrency)
+
+
+def sweep_run_key(sweep_dir: Path) -> str:
+    """The parent MLflow run's key: the sweep folder plus this invocation's start time and a random
+    suffix. Every ``raysemiseg tune`` call is a new Tune experiment (new trials), so it gets a new
+    parent run; keying by the folder alone reopened the previous sweep's run and MLflow refused the
+    changed params (``--set overrides.optim.epochs=2`` after a run with 3)."""
+    import uuid
+
+    return f"{sweep_dir}@{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
 def best_row(rows: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any]:
@@ -631,7 +641,7 @@ def format_table(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
     body = [[r["trial"][:40]] + [fmt(r["values"].get(k)) for k in keys]
             + [str(r["epochs"]), fmt(r["last"]), fmt(r["best"]), r["status"]] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([f"sweep {sweep.name}: {len(rows)} trials", line(head), line(["-" * w for w in widths])]
                      + [line(b) for b in body])
 

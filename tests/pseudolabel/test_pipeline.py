@@ -137,11 +137,13 @@ def _tiny_checkpoint(root: Path, method: str) -> Path:
     return save_checkpoint(root / method, m, cfg, builtin("voc21"))
 
 
-@pytest.mark.parametrize("recipe_name,method", [("cam_diffusion_crf", "cam_classifier"), ("em_adapt_crf", "strong_only"),
-                                                ("em_fixed", "strong_only")])
-def test_model_recipes_end_to_end(sample_store: Path, tmp_path: Path, recipe_name: str, method: str) -> None:
+@pytest.mark.parametrize("recipe_name,method,execution", [
+    ("cam_diffusion_crf", "cam_classifier", "auto"), ("em_adapt_crf", "strong_only", "auto"),
+    ("em_fixed", "strong_only", "staged")])     # staged: the model in its own actor pool, as on GPU clusters
+def test_model_recipes_end_to_end(sample_store: Path, tmp_path: Path, recipe_name: str, method: str,
+                                  execution: str) -> None:
     ckpt = _tiny_checkpoint(tmp_path, method)
-    recipe = load_recipe(RECIPES / f"{recipe_name}.yaml", {"max_rows": 4, "rows_per_shard": 2})
+    recipe = load_recipe(RECIPES / f"{recipe_name}.yaml", {"max_rows": 4, "rows_per_shard": 2, "execution": execution})
     res = run_pipeline(recipe, sample_store, tmp_path / "labels", checkpoint=str(ckpt), progress=False)
     assert (res.rows_in, res.written, res.quarantined) == (4, 4, 0)
     img = {r["image_id"]: r for r in open_store(sample_store).read_table(["image_id", "labels", "height", "width"]).to_pylist()}
@@ -158,13 +160,16 @@ def test_model_recipes_end_to_end(sample_store: Path, tmp_path: Path, recipe_nam
 
 def test_task_unit_smaller_than_shard_gives_the_uninterrupted_rows(sample_store: Path, tmp_path: Path) -> None:
     """rows_per_shard > rows per task: a shard's rows arrive in several Ray Data blocks (tasks) and are
-    committed once all arrived; the store equals a run with one block per shard, row for row."""
+    committed once all arrived; the store equals a run with one block per shard, row for row, and the
+    chain execution (one task does everything) equals the staged one (read, then CPU-stage tasks)."""
     from raysemiseg.pseudolabel.pipeline import auto_rows_per_task, plan_shards, task_items
 
-    one = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "rows_per_task": 6})
+    one = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "rows_per_task": 6,
+                                                   "execution": "staged"})
     many = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "batch_size": 1,
-                                                    "rows_per_task": 2})
-    assert one.digest() == many.digest()                   # the task unit is not part of the output's identity
+                                                    "rows_per_task": 2, "execution": "chain"})
+    # neither the task unit nor the execution path is part of the output's identity
+    assert one.digest() == many.digest()
     plan = plan_shards(open_store(sample_store), many)
     items = task_items(plan, [0, 1], 2)
     assert [it["shard"] for it in items] == [0, 0, 0, 1, 1, 1]            # 3 blocks per shard, never across

@@ -128,10 +128,20 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
     from mlflow.tracking import MlflowClient
 
     from raysemiseg.tune.sweep import run_sweep
+    from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
     write_base(tmp_path, sample_store, sample_split)
+    # an earlier sweep of the same folder with other settings: a new invocation gets its own parent run
+    # (reopening that one made MLflow refuse the changed params)
+    uri, art = resolve_tracking_uri(None, str(tmp_path / "runs" / "sweeps"))
+    earlier = Tracker(uri, "sweep-test", run_name="tiny_bias", run_key=str(tmp_path / "runs" / "sweeps" / "tiny_bias"),
+                      artifact_location=art)
+    earlier.start()
+    earlier.log_params({"sweep": {"scheduler": {"grace_period": 99}}})
+    earlier.end("FINISHED")
     before = created_placement_groups()
     result = run_sweep(write_sweep(tmp_path))
+    assert result.parent_run_id != earlier.run_id
     out = capsys.readouterr().out
     assert "sweep tiny_bias: 2 trials" in out and "best:" in out
     assert len(result.rows) == 2 and result.concurrency == 2   # the test session has 4 logical CPUs
