@@ -210,7 +210,7 @@ def main() -> None:
         path = Path(__file__).resolve().parents[1] / "configs/pseudolabel" / f"{name}.yaml"
         rec = load_recipe(path, {"max_rows": n_ray})   # the recipe's own shards, batch size and (auto) task unit
         t_ser = _timeit(lambda rec=rec: run_serial(rec, ray_rows, space.background_id, space.num_classes, checkpoint=str(ckpt)))
-        for execution in ("chain", "staged"):   # auto = chain on this CPU-only machine
+        for execution in ("chain", "staged"):   # auto: chain for model recipes on CPU-only clusters, else staged
             r = load_recipe(path, {"max_rows": n_ray, "execution": execution})
             out = tmp / f"labels_{name}_{execution}"
 

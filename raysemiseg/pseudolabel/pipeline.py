@@ -234,9 +234,12 @@ class Recipe(_Strict):
         execution: ``chain``: one Ray Data task per input item reads the rows and runs every stage
             of the recipe (models cached per worker process), so images never cross processes;
             ``staged``: a read task, then one operator per fused group of CPU stages (tasks) and
-            per model stage (an actor pool, with ``gpus_per_model_actor``); ``auto``: staged when
-            the model stages get GPUs, else chain (see :func:`run_pipeline`). Same output either
-            way (not part of :meth:`digest`).
+            per model stage (an actor pool, with ``gpus_per_model_actor``); ``auto``: chain for a
+            recipe with model stages on a CPU-only cluster (a CPU model actor would hold a core
+            while the CPU stages wait: cam_diffusion_crf on 2 cores ran 1.88x serial chained vs
+            1.15x staged), else staged (bbox_seg: 1.54x staged vs 1.35x chained in the same run,
+            ``benchmarks/pseudolabel_throughput.py``). Same output either way (not part of
+            :meth:`digest`).
         gpus_per_model_actor: GPUs per model actor; None = 1 when the cluster has GPUs, else 0.
         cpus_per_task: CPUs reserved by each CPU-stage task.
         save_confidence: write the ``confidence`` column when a stage gives one.
@@ -975,7 +978,7 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
             read_kw = {"batch_size": 1, "batch_format": "pyarrow", "fn_kwargs": {"store_files": plan.files}}
             groups = _groups(recipe)
             ckpt_s = str(checkpoint) if checkpoint else None
-            if recipe.execution == "chain" or (recipe.execution == "auto" and not use_gpu):
+            if recipe.execution == "chain" or (recipe.execution == "auto" and recipe.needs_model and not use_gpu):
                 # one task per item runs read + every stage of the chain (models cached per worker
                 # process): every CPU works on whole images and no image or state crosses processes
                 ds = ds.map_batches(_chain_task, batch_size=1, batch_format="pyarrow", num_cpus=recipe.cpus_per_task,
