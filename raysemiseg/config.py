@@ -50,6 +50,8 @@ class ModelConfig(StrictModel):
     pretrained: bool = True
     weights_path: str | None = Field(None, description="explicit backbone weights file (torch.load weights_only)")
     output_stride: Literal[8, 16, 32] = 8
+    freeze_bn: bool = Field(
+        False, description="backbone BatchNorm in eval mode with fixed affine parameters (small CPU batches want it)")
 
     @field_validator("backbone")
     @classmethod
@@ -88,7 +90,8 @@ class MethodConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="sgd (momentum, coupled L2) | adam (coupled L2) | adamw (decoupled weight decay)")
     lr: float = Field(1e-3, gt=0)
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -69,8 +69,10 @@ def build_optimizers(method: nn.Module, optim_cfg: Any) -> dict[str, torch.optim
                                                          weight_decay=optim_cfg.weight_decay)
         elif kind == "adam":
             opt = torch.optim.Adam(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+        elif kind == "adamw":
+            opt = torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
         else:
-            raise ValueError(f"optimizer group {g.name!r}: unknown optimizer {kind!r}; valid: ['adam', 'sgd']")
+            raise ValueError(f"optimizer group {g.name!r}: unknown optimizer {kind!r}; valid: ['adam', 'adamw', 'sgd']")
         out[g.name] = opt
     return out
 

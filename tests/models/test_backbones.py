@@ -122,3 +122,30 @@ def test_largefov_head() -> None:
         LargeFOVHead(32, 21, dropout=1.0)
     with pytest.raises(ValueError, match="num_classes=0"):
         LargeFOVHead(32, 0)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_freeze_bn_keeps_statistics_and_affine_fixed(frozen: bool) -> None:
+    """``model.freeze_bn``: after a training step (``train()`` mode, SGD) a frozen backbone's BatchNorm
+    running mean/var and weight/bias are bit-identical to before, while its convolutions moved; an
+    unfrozen one updates both (the running mean of the first BN moves towards the batch mean)."""
+    torch.manual_seed(0)
+    bb = build_backbone(ModelConfig(backbone="tiny", pretrained=False, output_stride=8, freeze_bn=frozen))
+    bns = [m for m in bb.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in bb.modules() if isinstance(m, nn.Conv2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.weight.detach().clone()) for m in bns]
+    conv_before = convs[0].weight.detach().clone()
+    bb.train()
+    bb.requires_grad_(True)   # methods toggle the whole backbone when they change stage
+    bb.train()
+    assert all(m.training is not frozen for m in bns)
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=0.1)
+    bb(torch.randn(4, 3, 32, 32) + 2.0).square().mean().backward()
+    opt.step()
+    moved_stats = [not torch.equal(b[0], m.running_mean) for b, m in zip(before, bns)]
+    moved_affine = [not torch.equal(b[2], m.weight.detach()) for b, m in zip(before, bns)]
+    assert not torch.equal(conv_before, convs[0].weight.detach())
+    if frozen:
+        assert not any(moved_stats) and not any(moved_affine)
+    else:
+        assert all(moved_stats) and all(moved_affine)
