@@ -137,15 +137,25 @@ def test_single_branch_mixed_is_one_ce_over_both_kinds():
 
 
 def test_lambda_ensemble_eq4():
+    """Luo & Yang 2020 Eq. 4: F(x) = lambda F_w(x) + (1 - lambda) F_s(x), i.e. lambda weights the
+    WEAK network (the paper's best lambda = 0.4 puts 0.4 on the weak net, 0.6 on the strong one).
+
+    Hand-checked: p_s = [0.9, 0.1], p_w = [0.3, 0.7], lambda = 0.25:
+    0.25 * [0.3, 0.7] + 0.75 * [0.9, 0.1] = [0.075 + 0.675, 0.175 + 0.075] = [0.75, 0.25]
+    (the reversed convention would give [0.45, 0.55])."""
     ps = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1)
     pw = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1)
-    assert lambda_average(ps, pw, 0.25).flatten().tolist() == pytest.approx([0.45, 0.55])
+    assert lambda_average(ps, pw, 0.25).flatten().tolist() == pytest.approx([0.75, 0.25])
+    # lambda = 0.4 (the paper's best): 0.4 * 0.3 + 0.6 * 0.9 = 0.66
+    assert lambda_average(prob_strong=ps, prob_weak=pw, lam=0.4).flatten().tolist() == pytest.approx([0.66, 0.34])
     with pytest.raises(ValueError):
         lambda_average(ps, pw, 1.5)
     torch.manual_seed(0)
     a, b = make_dual(3).eval(), make_dual(3).eval()
     x = torch.randn(1, 3, 16, 16)
-    ens = LambdaEnsemble(a, b, lam=1.0)
-    assert torch.allclose(ens.predict(x), a.predict(x).log_softmax(1), atol=1e-5)
-    half = LambdaEnsemble(a, b, lam=0.5).predict(x).exp()
-    assert torch.allclose(half, 0.5 * a.predict(x).softmax(1) + 0.5 * b.predict(x).softmax(1), atol=1e-6)
+    # lambda = 1: the weak network alone; lambda = 0: the strong network alone
+    assert torch.allclose(LambdaEnsemble(a, b, lam=1.0).predict(x), b.predict(x).log_softmax(1), atol=1e-5)
+    assert torch.allclose(LambdaEnsemble(a, b, lam=0.0).predict(x), a.predict(x).log_softmax(1), atol=1e-5)
+    mix = LambdaEnsemble(a, b, lam=0.25).predict(x).exp()
+    assert torch.allclose(mix, 0.75 * a.predict(x).softmax(1) + 0.25 * b.predict(x).softmax(1), atol=1e-6)
+    assert LambdaEnsemble(a, b).lam == 0.4                         # the paper's best lambda by default

@@ -34,13 +34,16 @@ def dual_branch_loss(strong_logits: Tensor, strong_t: Tensor, weak_logits: Tenso
 
 
 def lambda_average(prob_strong: Tensor, prob_weak: Tensor, lam: float) -> Tensor:
-    """Eq. 4 of Luo & Yang (the "two separate networks" baseline): the per-pixel class
-    probabilities of a network trained on strong labels and one trained on weak labels, averaged
-    with weight ``lam`` on the strong one: ``lam * p_s + (1 - lam) * p_w``.
+    """Eq. 4 of Luo & Yang (the "two separate networks" baseline):
+    ``F(x) = lam * F_w(x) + (1 - lam) * F_s(x)``, the per-pixel class probabilities of a network
+    trained on weak labels (``F_w``) and one trained on strong labels (``F_s``), with ``lam`` on
+    the WEAK one, as in the paper (best ``lam = 0.4``; Fig. 6 sweeps it from 0 = strong only to
+    1 = weak only).
 
     Args:
-        prob_strong, prob_weak: (N, K, H, W) softmax probabilities, same shape.
-        lam: weight in [0, 1].
+        prob_strong: (N, K, H, W) softmax probabilities of the strong-label network, F_s.
+        prob_weak: (N, K, H, W) softmax probabilities of the weak-label network, F_w.
+        lam: lambda, the weak network's weight, in [0, 1].
 
     Returns:
         (N, K, H, W) probabilities (each pixel sums to 1).
@@ -52,4 +55,4 @@ def lambda_average(prob_strong: Tensor, prob_weak: Tensor, lam: float) -> Tensor
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     if prob_strong.shape != prob_weak.shape:
         raise ValueError(f"shape mismatch {tuple(prob_strong.shape)} vs {tuple(prob_weak.shape)}")
-    return lam * prob_strong + (1.0 - lam) * prob_weak
+    return lam * prob_weak + (1.0 - lam) * prob_strong

@@ -25,7 +25,8 @@ Baselines in the same code:
   pseudo labels bundled together (the setting the paper shows can fall below strong-only);
 * two separate networks averaged with weight lambda (Eq. 4): train ``single_branch_mixed`` once
   with ``use_weak: false`` and once with ``use_strong: false``, then evaluate
-  :class:`LambdaEnsemble` (``predict`` = log of ``lam * p_strong + (1 - lam) * p_weak``).
+  :class:`LambdaEnsemble` (``predict`` = log of ``lam * p_weak + (1 - lam) * p_strong``: Eq. 4,
+  lambda on the weak network, paper's best 0.4).
 
 ``neck_depth`` has no paper default here (the paper ablates n); 2 is this project's choice —
 sweep it (``configs/sweeps/dual_branch_neck.yaml``).
@@ -245,13 +246,14 @@ class LambdaEnsemble(nn.Module):
     Args:
         strong: a method trained on strong rows (its ``predict`` gives logits).
         weak: a method trained on weak rows' pseudo labels.
-        lam: weight of the strong network's probabilities, in [0, 1].
+        lam: lambda of Eq. 4, the weight of the WEAK network's probabilities, in [0, 1]
+            (``F = lam * F_w + (1 - lam) * F_s``; default 0.4, the paper's best value).
 
     ``predict`` returns log-probabilities (a valid logit input to argmax / softmax), so the
     ensemble can be evaluated wherever a method's ``predict`` is.
     """
 
-    def __init__(self, strong: nn.Module, weak: nn.Module, lam: float = 0.5) -> None:
+    def __init__(self, strong: nn.Module, weak: nn.Module, lam: float = 0.4) -> None:
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {lam}")
@@ -261,7 +263,7 @@ class LambdaEnsemble(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) -> (N, K, H, W) ``log(lam * softmax(strong) + (1 - lam) * softmax(weak))``."""
+        """(N, 3, H, W) -> (N, K, H, W) ``log(lam * softmax(weak) + (1 - lam) * softmax(strong))`` (Eq. 4)."""
         ps = self.strong.predict(images).float().softmax(dim=1)
         pw = self.weak.predict(images).float().softmax(dim=1)
         return lambda_average(ps, pw, self.lam).clamp_min(1e-12).log()
