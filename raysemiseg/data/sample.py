@@ -1,4 +1,5 @@
-"""The bundled real sample: 318 MS-COCO images (coco-mini + coco-tiny), resized, in COCO format.
+"""The bundled real samples: 318 MS-COCO images (coco-mini + coco-tiny, COCO format) and 476 PASCAL
+VOC 2012 images (``voc2012-sample``, VOC2012 folder layout), all resized.
 
 ``make_sample`` builds ``raysemiseg/sample_data/`` from ``../shared/data`` (run once by a maintainer,
 the result is committed); ``sample_sources`` points the readers at it, so the quickstart and the
@@ -15,6 +16,12 @@ What ``make_sample`` does, per dataset (``coco-mini``, ``coco-tiny``) and split 
 
 The two datasets share one image (id 435206, identical bytes); both copies are kept, as in the
 source, and the store builder quarantines the second as a duplicate.
+
+``make_voc_sample`` builds ``voc2012-sample/`` from ``../shared/data/voc2012-476`` (all 476 images,
+``train.txt`` 326 / ``val.txt`` 150 copied byte for byte): images resized so the long side is at most
+``max_side`` px (bilinear, which PIL antialiases when shrinking; aspect kept, sides rounded), JPEG
+``quality`` 90; ``SegmentationClass`` masks resized to the same size with NEAREST (no new ids are
+invented) and saved as palette ('P') PNGs with the source palette. ``voc_sample_dir`` returns the folder.
 """
 
 from __future__ import annotations
@@ -31,6 +38,37 @@ from tqdm import tqdm
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DATASETS = ("coco-mini", "coco-tiny")
 SPLITS = ("train2017", "val2017")
+VOC_SAMPLE = "voc2012-sample"
+VOC_SOURCE = "voc2012-476"
+VOC_LISTS = ("train", "val")
+
+
+def voc_sample_dir(root: str | Path | None = None) -> Path:
+    """The bundled VOC 2012 sample folder (``raysemiseg/sample_data/voc2012-sample``).
+
+    It is a VOC2012-style root (``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` palette masks with
+    VOC-21 ids and 255 void, ``ImageSets/Segmentation/train.txt`` (326) and ``val.txt`` (150)), so
+    ``raysemiseg data build --voc <it> --label-space voc21`` reads it (boxes derived from the masks:
+    the sample has no ``Annotations/`` XML).
+
+    Args:
+        root: the ``sample_data`` folder to look in (default: the package's own).
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        FileNotFoundError: the folder, its images, masks or lists are missing (run
+            ``raysemiseg data make-sample``).
+    """
+    d = (SAMPLE_DIR if root is None else Path(root)) / VOC_SAMPLE
+    need = [d / "JPEGImages", d / "SegmentationClass"] + [
+        d / "ImageSets" / "Segmentation" / f"{n}.txt" for n in VOC_LISTS]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"bundled VOC sample incomplete: {', '.join(missing)} missing; "
+                                f"run `raysemiseg data make-sample --shared ../shared/data` (or `make sample`)")
+    return d
 
 
 def sample_sources(root: str | Path | None = None) -> list[tuple[Path, Path]]:
@@ -156,18 +194,79 @@ def make_sample(shared: str | Path, out: str | Path | None = None, max_side: int
     return {"images": n_img, "annotations": n_ann, "bytes": total}
 
 
+def make_voc_sample(src: str | Path, out: str | Path, max_side: int = 320, quality: int = 90
+                    ) -> dict[str, int]:
+    """Build the VOC sample folder ``out`` from the VOC2012-style folder ``src`` (``voc2012-476``).
+
+    Every image named in ``ImageSets/Segmentation/{train,val}.txt`` is written (lists copied
+    unchanged). Image: RGB, long side <= ``max_side`` (``new_size``), ``Image.BILINEAR``, JPEG
+    ``quality``. Mask: the palette PNG resized to the image's new size with ``Image.NEAREST``, saved
+    in mode 'P' with the source palette, so its ids (0..20, 255 void) are exactly a subset of the
+    source's.
+
+    Returns:
+        ``{"images": n, "bytes": total size of out}``.
+
+    Raises:
+        FileNotFoundError: ``src`` lacks a list, an image or a mask (the missing path is named).
+        ValueError: an image and its mask differ in size, or a mask is not mode 'P'/'L'.
+    """
+    src, out = Path(src), Path(out)
+    lists = {n: src / "ImageSets" / "Segmentation" / f"{n}.txt" for n in VOC_LISTS}
+    for p in lists.values():
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found; --shared must hold {VOC_SOURCE}/ in the VOC2012 layout")
+    names = [ln.strip() for p in lists.values() for ln in p.read_text().splitlines() if ln.strip()]
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for n, p in lists.items():
+        (out / "ImageSets" / "Segmentation" / f"{n}.txt").write_bytes(p.read_bytes())
+    for name in tqdm(names, desc=VOC_SAMPLE, unit="img"):
+        ip, mp = src / "JPEGImages" / f"{name}.jpg", src / "SegmentationClass" / f"{name}.png"
+        for f in (ip, mp):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found (listed in {src}/ImageSets/Segmentation)")
+        with Image.open(ip) as pil:
+            rgb = pil.convert("RGB")
+        with Image.open(mp) as m:
+            m.load()
+            mask = m.copy()
+        if mask.mode not in ("P", "L"):
+            raise ValueError(f"{mp}: mask mode {mask.mode!r}, expected a palette ('P') or 'L' PNG")
+        if mask.size != rgb.size:
+            raise ValueError(f"{mp}: mask is {mask.size} but image {ip} is {rgb.size} (W, H)")
+        w, h = rgb.size
+        nh, nw = new_size(h, w, max_side)
+        if (nh, nw) != (h, w):
+            rgb = rgb.resize((nw, nh), Image.BILINEAR)
+            mask = mask.resize((nw, nh), Image.NEAREST)
+        rgb.save(out / "JPEGImages" / f"{name}.jpg", format="JPEG", quality=quality, optimize=True)
+        mask.save(out / "SegmentationClass" / f"{name}.png", format="PNG", optimize=True)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"images": len(names), "bytes": total}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``make-sample`` to the ``data`` sub-commands."""
     p = sub.add_parser("make-sample", help="build the bundled sample (raysemiseg/sample_data) from ../shared/data")
-    p.add_argument("--shared", default="../shared/data", help="folder holding coco-mini/ and coco-tiny/")
+    p.add_argument("--shared", default="../shared/data",
+                   help="folder holding coco-mini/, coco-tiny/ and voc2012-476/")
     p.add_argument("--out", default=str(SAMPLE_DIR), help="output folder (default: the package's sample_data)")
-    p.add_argument("--max-side", type=int, default=320)
-    p.add_argument("--quality", type=int, default=88)
+    p.add_argument("--only", choices=("all", "coco", "voc"), default="all",
+                   help="which samples to (re)build (default: both)")
+    p.add_argument("--max-side", type=int, default=320, help="long side of the resized images (px)")
+    p.add_argument("--quality", type=int, default=88, help="JPEG quality of the COCO sample")
+    p.add_argument("--voc-quality", type=int, default=90, help="JPEG quality of the VOC sample")
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    r = make_sample(args.shared, args.out, args.max_side, args.quality)
-    print(f"sample: {r['images']} image entries, {r['annotations']} annotations, "
-          f"{r['bytes'] / 1e6:.1f} MB in {args.out}")
+    if args.only in ("all", "coco"):
+        r = make_sample(args.shared, args.out, args.max_side, args.quality)
+        print(f"coco sample: {r['images']} image entries, {r['annotations']} annotations, "
+              f"{r['bytes'] / 1e6:.1f} MB in {args.out}")
+    if args.only in ("all", "voc"):
+        out = Path(args.out) / VOC_SAMPLE
+        r = make_voc_sample(Path(args.shared) / VOC_SOURCE, out, args.max_side, args.voc_quality)
+        print(f"voc sample: {r['images']} images, {r['bytes'] / 1e6:.1f} MB in {out}")
     return 0
