@@ -14,29 +14,35 @@ where ``f_m`` are the network's per-pixel class scores (logits or log-probabilit
 invariant to a per-pixel shift, so both give the same labels) and ``ln P(y_m = l | z)`` is a per-class
 bias:
 
-* **EM-Fixed** (Sec. 3.2): ``b_l = b_fg`` for present foreground classes, ``b_l = b_bg`` for the
-  background, ``b_l = -inf`` for absent classes (``P(y_m = l | z) = 0`` when ``z_l = 0``).
-  Paper defaults ``b_fg = 5``, ``b_bg = 3``.
-* **EM-Adapt** (Sec. 3.2): per image, biases chosen so that at least ``rho_bg`` of the pixels go to
-  the background and at least ``rho_fg`` to the present foreground labels; absent classes
-  suppressed. Paper defaults ``rho_fg = 0.20``, ``rho_bg = 0.40``.
+* **EM-Fixed** (Sec. 3.2, Eq. 10): ``b_l = b_fg`` for present foreground classes, ``b_l = b_bg`` for
+  the background and ``b_l = 0`` for ABSENT classes (phi(y_m = l, z) = 0 when z_l = 0): absent
+  classes keep their raw score and can still win a pixel, as in DeepLab's ``BiasChannelLayer``.
+  Paper defaults ``b_fg = 5``, ``b_bg = 3``. ``suppress_absent=True`` takes absent classes out of
+  the argmax instead (an option, not the paper's EM-Fixed).
+* **EM-Adapt** (Sec. 3.2): per image, biases chosen so that at least ``rho_l`` of the image area
+  goes to each present class l (``rho_bg`` for the background, ``rho_fg`` for EACH present
+  foreground class) and no pixel to an absent class (``suppress_absent`` defaults to True here).
+  Paper defaults ``rho_fg = 0.20``, ``rho_bg = 0.40``.
 
 EM-Adapt rule implemented here (DeepLab's adaptive-bias channel layer, made exact): for every present
 class ``c`` the *score margin* ``d_c(m) = max_{l present} f^_m(l) - f^_m(c) >= 0`` is computed; with
 target fraction ``t_c`` the bias of ``c`` is raised by the ``k``-th smallest margin,
-``k = ceil(t_c * S)`` (``S`` = pixels in the image), plus a tie-breaking epsilon, so that ``c`` then
-wins on at least ``k`` pixels. Targets: ``t_bg = rho_bg`` for the background and
-``t_c = rho_fg / n_fg`` for each of the ``n_fg`` present foreground classes (so the foreground as a
-whole gets at least ``rho_fg``; DeepLab's layer gives ``rho_fg`` to *each* class, which cannot be met
-when ``n_fg * rho_fg + rho_bg > 1``; ``fg_share="per_class"`` selects that behaviour). The
-background is visited first, then the foreground classes in ascending id order, and the sweep is
-repeated until every target holds or ``num_iter`` sweeps were made (biases only grow, so one class's
-raise can take pixels from another; the repeats fix that). The biases found are returned by
-:func:`adaptive_biases`.
+``k = ceil(t_c * S)`` (``S`` = pixels in the image), plus a tie-breaking epsilon, so that
+``c`` then wins on at least ``k`` pixels. Targets (``fg_share``): ``t_bg = rho_bg`` for the
+background and, by default (``"per_class"``, the paper's "rho_l of the image area to class l" and
+DeepLab's ``AdaptiveBiasChannelLayer``, which gives ``fg_portion`` to each present fg class),
+``t_c = rho_fg`` for each present foreground class; with ``n_fg * rho_fg + rho_bg > 1`` the targets
+of an image cannot all hold and the sweeps stop after ``num_iter`` (as in DeepLab, where the last
+raised class wins the contested pixels). ``fg_share="total"`` (a project variant) gives each of the
+``n_fg`` classes ``rho_fg / n_fg`` instead. The background is visited first, then the foreground
+classes in ascending id order, and the sweep is repeated until every target holds or ``num_iter``
+sweeps were made (biases only grow, so one class's raise can take pixels from another; the repeats
+fix that). The biases found are returned by :func:`adaptive_biases`.
 
-Region (Bbox-EM-Fixed, Sec. 4.2): with ``region`` given, the foreground biases apply only inside the
-region (a (H, W) mask of "inside any box", or a per-class (K, H, W) mask "inside a box of class k");
-outside, foreground classes are suppressed, so those pixels go to the background.
+Region (Bbox-EM-Fixed, Sec. 3.3): with ``region`` given, every non-background class is allowed (and
+biased) only inside the region (a (H, W) mask of "inside any box", or a per-class (K, H, W) mask
+"inside a box of class k"); outside, those classes are out of the argmax, so pixels outside every
+allowed region go to the background.
 
 Nothing here costs O(size of the label space) per image beyond the score tensor the caller passes:
 with the present-labels layout (``(P, H, W)`` scores + their class ids) every operation is over the
@@ -75,9 +81,17 @@ class EStepParams(BaseModel):
         b_bg: EM-Fixed bias added to the background score.
         rho_fg: EM-Adapt minimum fraction of pixels given to present foreground classes, in [0, 1].
         rho_bg: EM-Adapt minimum fraction of pixels given to the background, in [0, 1].
-        fg_share: ``"total"``: the foreground classes share ``rho_fg`` (``rho_fg / n_fg`` each);
-            ``"per_class"``: each present foreground class gets ``rho_fg`` (DeepLab's layer).
+        fg_share: ``"per_class"`` (default, Sec. 3.2 and DeepLab's layer): each present
+            foreground class gets at least ``rho_fg``; ``"total"``: the foreground classes share
+            ``rho_fg`` (``rho_fg / n_fg`` each).
+        suppress_absent: take classes with ``z_l = 0`` out of the argmax. ``None`` (default) = the
+            paper's rule for the mode: False for EM-Fixed (Eq. 10: absent classes unbiased, they
+            may win), True for EM-Adapt ("no pixel assigned to class l if z_l = 0").
         num_iter: maximum EM-Adapt sweeps over the present classes.
+
+    Raises:
+        ValueError: EM-Adapt with ``rho_fg + rho_bg > 1`` (not even one foreground class could
+            meet its target next to the background's).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,14 +101,22 @@ class EStepParams(BaseModel):
     b_bg: float = 3.0
     rho_fg: float = Field(0.20, ge=0.0, le=1.0)
     rho_bg: float = Field(0.40, ge=0.0, le=1.0)
-    fg_share: Literal["total", "per_class"] = "total"
+    fg_share: Literal["total", "per_class"] = "per_class"
+    suppress_absent: bool | None = None
     num_iter: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _feasible(self) -> "EStepParams":
-        if self.mode == "adapt" and self.fg_share == "total" and self.rho_fg + self.rho_bg > 1.0 + 1e-9:
-            raise ValueError(f"rho_fg + rho_bg must be <= 1, got {self.rho_fg} + {self.rho_bg}")
+        if self.mode == "adapt" and self.rho_fg + self.rho_bg > 1.0 + 1e-9:
+            raise ValueError(f"EM-Adapt: rho_fg + rho_bg must be <= 1, got {self.rho_fg} + {self.rho_bg}")
         return self
+
+    @property
+    def absent_suppressed(self) -> bool:
+        """Whether absent classes are out of the argmax (``suppress_absent`` or the mode's rule)."""
+        if self.suppress_absent is not None:
+            return self.suppress_absent
+        return self.mode == "adapt"
 
 
 def _check_scores(scores: Tensor, present: Tensor) -> None:
@@ -110,24 +132,28 @@ def adaptive_biases(
     is_bg: Tensor,
     rho_fg: float = 0.20,
     rho_bg: float = 0.40,
-    fg_share: Literal["total", "per_class"] = "total",
+    fg_share: Literal["total", "per_class"] = "per_class",
     num_iter: int = 10,
+    is_present: Tensor | None = None,
 ) -> Tensor:
-    """EM-Adapt biases of ONE image over its present classes (rule in the module docstring).
+    """EM-Adapt biases of ONE image over its classes (rule in the module docstring).
 
     Args:
-        scores: (P, S) float scores of the P present classes (background included when present)
+        scores: (P, S) float scores of the P candidate classes (background included when present)
             at S pixels (any device).
         is_bg: (P,) bool, True for the background row (at most one).
-        rho_fg: minimum fraction of the S pixels for the foreground classes (see ``fg_share``).
+        rho_fg: minimum fraction of the S pixels per present foreground class (see ``fg_share``).
         rho_bg: minimum fraction of the S pixels for the background.
-        fg_share: ``"total"`` (each fg class targets ``rho_fg / n_fg``) or ``"per_class"``.
+        fg_share: ``"per_class"`` (each present fg class targets ``rho_fg``) or ``"total"``
+            (each targets ``rho_fg / n_fg``).
         num_iter: maximum sweeps.
+        is_present: (P,) bool, default all True: rows with False are absent classes that only
+            compete (target 0, bias 0; ``suppress_absent=False``).
 
     Returns:
         (P,) float biases (>= 0) on the scores' device; ``argmax(scores + biases[:, None])`` then
-        gives the background >= ceil(rho_bg * S) pixels and each foreground class >= its target
-        (when the targets sum to <= 1; otherwise as close as ``num_iter`` sweeps get).
+        gives the background >= ceil(rho_bg * S) pixels and each present foreground class >= its
+        target (when the targets sum to <= 1; otherwise as close as ``num_iter`` sweeps get).
 
     Raises:
         ValueError: on shape mismatch.
@@ -139,9 +165,12 @@ def adaptive_biases(
     if p <= 1 or s == 0:
         return biases
     is_bg = is_bg.to(torch.bool)
-    n_fg = int((~is_bg).sum())
-    fg_target = rho_fg / max(n_fg, 1) if fg_share == "total" else rho_fg
-    targets = [rho_bg if bool(is_bg[i]) else fg_target for i in range(p)]
+    present = torch.ones(p, dtype=torch.bool) if is_present is None else is_present.to("cpu", torch.bool)
+    if present.shape != (p,):
+        raise ValueError(f"is_present must be (P,) = ({p},), got {tuple(present.shape)}")
+    fg_rows = [i for i in range(p) if not bool(is_bg[i]) and bool(present[i])]
+    fg_target = rho_fg / max(len(fg_rows), 1) if fg_share == "total" else rho_fg
+    targets = [rho_bg if bool(is_bg[i]) else (fg_target if i in fg_rows else 0.0) for i in range(p)]
     ks = [min(s, max(0, math.ceil(t * s - 1e-9))) for t in targets]
     order = sorted(range(p), key=lambda i: (not bool(is_bg[i]), i))  # background first
     for _ in range(num_iter):
@@ -181,12 +210,12 @@ def e_step(
         scores: (N, K, H, W) float class scores (logits or log-probabilities) on any device.
         present: (N, K) bool (or 0/1) image-level labels z; the background column is treated as
             present whether set or not (every image has background).
-        params: :class:`EStepParams` (default EM-Fixed, b_fg=5, b_bg=3).
+        params: :class:`EStepParams` (default EM-Fixed, b_fg=5, b_bg=3, absent classes unbiased).
         background_index: the background channel, or ``None`` for spaces without one (then
             ``b_bg``/``rho_bg`` are unused).
         region: optional bool box mask, (N, H, W) ("inside any box") or (N, K, H, W) (inside a box
-            of class k): foreground classes are allowed (and biased) only inside it; pixels outside
-            go to the background (Bbox-EM-Fixed, Sec. 4.2). Requires a background class.
+            of class k): non-background classes are allowed (and biased) only inside it; pixels
+            outside go to the background (Bbox-EM-Fixed, Sec. 3.3). Requires a background class.
         ignore_index: label for rows with no present class at all.
 
     Returns:
@@ -199,6 +228,7 @@ def e_step(
     params = params or EStepParams()
     _check_scores(scores, present)
     n, k, h, w = scores.shape
+    suppress = params.absent_suppressed
     with torch.no_grad():
         pres = present.to(device=scores.device, dtype=torch.bool).clone()
         if background_index is not None:
@@ -209,42 +239,47 @@ def e_step(
             if region.shape not in ((n, h, w), (n, k, h, w)):
                 raise ValueError(f"region must be (N, H, W) or (N, K, H, W), got {tuple(region.shape)}")
         out = torch.full((n, h, w), ignore_index, dtype=torch.long, device=scores.device)
+        all_ids = torch.arange(k, device=scores.device)
         for i in range(n):
-            ids = pres[i].nonzero(as_tuple=True)[0]
-            if ids.numel() == 0:
+            if not bool(pres[i].any()):
                 continue
+            # suppressed: only the present channels enter the argmax (O(P)); else all K compete
+            ids = pres[i].nonzero(as_tuple=True)[0] if suppress else all_ids
             bg_pos = None
             if background_index is not None:
                 bg_pos = int((ids == background_index).nonzero(as_tuple=True)[0][0])
             reg = None
             if region is not None:
                 reg = region[i] if region.ndim == 3 else region[i][ids]
-            lab = _e_step_one(scores[i][ids], bg_pos, params, reg)
+            lab = _biased_scores(scores[i][ids], bg_pos, params, reg, pres[i][ids]).argmax(dim=0)
             out[i] = ids[lab]
     return out
 
 
-def _e_step_one(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None) -> Tensor:
-    """E-step of one image on its present channels: (P, H, W) -> (H, W) positions 0..P-1."""
-    return _biased_scores(scores_p, bg_pos, params, region).argmax(dim=0)
+def _biased_scores(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None,
+                   present: Tensor | None = None) -> Tensor:
+    """f^ = f + b (Alg. 1) of one image on P candidate channels: (P, H, W) float32, -inf where a
+    class is not allowed (outside its box region; absent when ``params.absent_suppressed``).
 
-
-def _biased_scores(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None) -> Tensor:
-    """f^ = f + b (Alg. 1) of one image on its present channels: (P, H, W) float32, -inf where a
-    class is not allowed (outside its box region)."""
+    ``present`` (P,) bool (default all True) marks the channels with z_l = 1: absent channels get
+    bias 0 (Eq. 10) and EM-Adapt target 0."""
     p, h, w = scores_p.shape
     f = scores_p.float()
     is_bg = torch.zeros(p, dtype=torch.bool, device=f.device)
     if bg_pos is not None:
         is_bg[bg_pos] = True
+    pres = torch.ones(p, dtype=torch.bool, device=f.device) if present is None else present.to(f.device, torch.bool)
     if params.mode == "fixed":
         bias = torch.full((p,), params.b_fg, dtype=f.dtype, device=f.device)
         if bg_pos is not None:
             bias[bg_pos] = params.b_bg
+        bias = bias.masked_fill(~pres, 0.0)
     else:
         bias = adaptive_biases(f.reshape(p, -1), is_bg, params.rho_fg, params.rho_bg,
-                               params.fg_share, params.num_iter)
+                               params.fg_share, params.num_iter, is_present=pres)
     fhat = f + bias[:, None, None]
+    if params.absent_suppressed and not bool(pres.all()):
+        fhat[~pres] = float("-inf")
     if region is not None:
         reg = region.to(device=f.device, dtype=torch.bool)
         allowed = reg.unsqueeze(0).expand(p, h, w) if reg.ndim == 2 else reg
@@ -265,14 +300,19 @@ def e_step_present(
 ) -> np.ndarray | Tensor | tuple[np.ndarray | Tensor, np.ndarray | Tensor]:
     """E-step of one image in the present-labels-only layout (cost O(P), not O(label space)).
 
+    The layout carries only the image's present classes, so absent classes cannot compete: this is
+    the E-step with absent classes suppressed, and ``params`` must say so
+    (``params.absent_suppressed``: EM-Adapt by default, EM-Fixed with ``suppress_absent: true``).
+    EM-Fixed as in Eq. 10 (absent classes unbiased) needs every class's scores: use :func:`e_step`.
+
     Args:
         scores: (P, H, W) float scores of the image's present classes (numpy or torch).
         class_ids: (P,) label-space ids of those rows; must contain ``background_id`` when the
             space has a background.
-        params: :class:`EStepParams`.
+        params: :class:`EStepParams` with ``absent_suppressed`` (default: EM-Fixed,
+            ``suppress_absent=True``).
         background_id: label-space id of the background, or ``None``.
         region: optional (H, W) or (P, H, W) bool box mask (Bbox-EM-Fixed), as in :func:`e_step`.
-
         return_scores: also return the biased scores ``f^ = f + b`` (Alg. 1), (P, H, W) float32,
             ``-inf`` where a class is excluded (e.g. for a following dense CRF: ``softmax(f^)``).
 
@@ -281,8 +321,14 @@ def e_step_present(
         ``scores`` is numpy, else tensors.
 
     Raises:
-        ValueError: on shape mismatch or a missing background row.
+        ValueError: on shape mismatch, a missing background row, or params whose absent classes
+            are not suppressed.
     """
+    params = params or EStepParams(suppress_absent=True)
+    if not params.absent_suppressed:
+        raise ValueError(
+            "e_step_present holds only the present classes, so absent classes cannot keep their raw "
+            "scores (EM-Fixed, Eq. 10); set suppress_absent: true, or run e_step on all K classes' scores")
     is_np = isinstance(scores, np.ndarray)
     s = torch.from_numpy(np.ascontiguousarray(scores)) if is_np else scores
     ids = torch.as_tensor(np.asarray(class_ids) if not isinstance(class_ids, Tensor) else class_ids,
@@ -299,18 +345,21 @@ def e_step_present(
     if region is not None:
         reg = torch.from_numpy(np.asarray(region)) if isinstance(region, np.ndarray) else region
     with torch.no_grad():
-        fhat = _biased_scores(s, bg_pos, params or EStepParams(), reg)
+        fhat = _biased_scores(s, bg_pos, params, reg)
         lab = ids[fhat.argmax(dim=0)]
     if return_scores:
         return (lab.cpu().numpy(), fhat.cpu().numpy()) if is_np else (lab, fhat)
     return lab.cpu().numpy() if is_np else lab
 
 
-def em_fixed(scores: Tensor, present: Tensor, b_fg: float = 5.0, b_bg: float = 3.0, **kw) -> Tensor:
-    """EM-Fixed E-step (Sec. 3.2): ``e_step`` with ``mode="fixed"``; see :func:`e_step`."""
-    return e_step(scores, present, EStepParams(mode="fixed", b_fg=b_fg, b_bg=b_bg), **kw)
+def em_fixed(scores: Tensor, present: Tensor, b_fg: float = 5.0, b_bg: float = 3.0,
+             suppress_absent: bool | None = None, **kw) -> Tensor:
+    """EM-Fixed E-step (Sec. 3.2, Eq. 10): ``e_step`` with ``mode="fixed"``; see :func:`e_step`."""
+    return e_step(scores, present, EStepParams(mode="fixed", b_fg=b_fg, b_bg=b_bg,
+                                               suppress_absent=suppress_absent), **kw)
 
 
-def em_adapt(scores: Tensor, present: Tensor, rho_fg: float = 0.20, rho_bg: float = 0.40, **kw) -> Tensor:
+def em_adapt(scores: Tensor, present: Tensor, rho_fg: float = 0.20, rho_bg: float = 0.40,
+             fg_share: Literal["total", "per_class"] = "per_class", **kw) -> Tensor:
     """EM-Adapt E-step (Sec. 3.2): ``e_step`` with ``mode="adapt"``; see :func:`e_step`."""
-    return e_step(scores, present, EStepParams(mode="adapt", rho_fg=rho_fg, rho_bg=rho_bg), **kw)
+    return e_step(scores, present, EStepParams(mode="adapt", rho_fg=rho_fg, rho_bg=rho_bg, fg_share=fg_share), **kw)

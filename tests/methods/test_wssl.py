@@ -92,10 +92,34 @@ def test_em_adapt_biases_reach_rho_targets_through_method():
     s2[0, 0], s2[0, 7] = s[0, 7], torch.zeros(h, w)
     lab2 = m.e_step(s2, batch, torch.tensor([True]))[0]
     assert float((lab2 == 0).float().mean()) >= 0.4 and float((lab2 == 7).float().mean()) >= 0.2
-    # EM-Fixed on the first map: fg wins where s_fg + 5 > 0 + 3, i.e. -10 i / S > -2 -> i < 20
+    # EM-Fixed (Eq. 10): absent classes keep their raw score (+100 here), so they win every pixel ...
     mf = make_wssl(estep="fixed", b_fg=5, b_bg=3)
-    lab3 = mf.e_step(s, batch, torch.tensor([True]))[0].flatten()
-    assert (lab3[:20] == 7).all() and (lab3[20:] == 0).all()
+    assert (mf.e_step(s, batch, torch.tensor([True]))[0] == 1).all()      # channel 1: first absent class
+    # ... unless suppressed (the option), or below the biased present scores: with absent at -100,
+    # fg wins where s_fg + 5 > 0 + 3, i.e. -10 i / S > -2 -> i < 20
+    sup = make_wssl(estep="fixed", b_fg=5, b_bg=3, suppress_absent=True).e_step(s, batch, torch.tensor([True]))[0]
+    s_low = s.clone()
+    s_low[s_low == 100.0] = -100.0
+    for lab3 in (sup.flatten(), mf.e_step(s_low, batch, torch.tensor([True]))[0].flatten()):
+        assert (lab3[:20] == 7).all() and (lab3[20:] == 0).all()
+
+
+def test_em_adapt_gives_rho_fg_to_each_present_class_through_method():
+    """EM-Adapt (Sec. 3.2): "at least rho_l of the image area to class l" with rho_l = rho_fg for
+    EACH present foreground class (DeepLab's AdaptiveBiasChannelLayer), the default ``fg_share``
+    of WsslParams. 1 x 10 image, bg = 0, class 3 = -(j + 1), class 9 = -(10 - j), absent = +100:
+    ceil(0.2 * 10) = 2 pixels each (3 on pixels 0, 1; 9 on 8, 9); ``fg_share="total"`` gives 1 each."""
+    j = torch.arange(10, dtype=torch.float32)
+    s = torch.full((1, 21, 1, 10), 100.0)
+    s[0, 0, 0], s[0, 3, 0], s[0, 9, 0] = torch.zeros(10), -(j + 1), -(10 - j)
+    batch = make_batch(0, 1, size=1)
+    batch.image_labels[:] = 0
+    batch.image_labels[0, [0, 3, 9]] = 1
+    m = make_wssl(estep="adapt", rho_fg=0.2, rho_bg=0.4)
+    assert m.params.estep_params().fg_share == "per_class"
+    assert m.e_step(s, batch, torch.tensor([True]))[0].flatten().tolist() == [3, 3, 0, 0, 0, 0, 0, 0, 9, 9]
+    tot = make_wssl(estep="adapt", rho_fg=0.2, rho_bg=0.4, fg_share="total")
+    assert tot.e_step(s, batch, torch.tensor([True]))[0].flatten().tolist() == [3, 0, 0, 0, 0, 0, 0, 0, 0, 9]
 
 
 def test_bbox_em_fixed_biases_only_inside_boxes():
@@ -155,8 +179,12 @@ def test_compute_losses_is_ce_against_estep_on_current_scores():
 
 
 def test_params_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rho_fg"):
         WsslParams(estep="adapt", rho_fg=0.7, rho_bg=0.5)
+    with pytest.raises(ValueError, match="rho_fg"):
+        WsslParams(estep="adapt", rho_fg=0.7, rho_bg=0.5, fg_share="total")
+    assert WsslParams(estep="adapt", rho_fg=0.3, rho_bg=0.4).estep_params().fg_share == "per_class"
+    assert WsslParams(suppress_absent=True).estep_params().absent_suppressed
     with pytest.raises(ValueError):
         WsslParams(estep="adapt", use_boxes=True)
     with pytest.raises(ValueError):

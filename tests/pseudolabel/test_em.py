@@ -12,25 +12,39 @@ from raysemiseg.pseudolabel.em import EStepParams, adaptive_biases, e_step, e_st
 def _scores_2x3() -> torch.Tensor:
     bg = [[1.0, 0.0, 4.0], [2.5, 2.0, 0.0]]
     c1 = [[0.0, 0.0, 0.0], [0.0, 1.0, 3.0]]
-    c2 = [[9.0, 9.0, 9.0], [9.0, 9.0, 9.0]]  # absent class: must be suppressed despite high scores
+    c2 = [[6.0, 0.0, 0.0], [0.0, 0.0, 9.0]]  # absent class (z_2 = 0)
     return torch.tensor([[bg, c1, c2]])
 
 
 def test_em_fixed_hand_computed_2x3() -> None:
-    # bg + b_bg(3) = [[4,3,7],[5.5,5,3]];  c1 + b_fg(5) = [[5,5,5],[5,6,8]];  c2 absent.
+    """EM-Fixed (Papandreou et al. 2015 Sec. 3.2, Eq. 10): f^(l) = f(l) + phi(l, z) with
+    phi = b_bg for the background, b_fg for present foreground classes and 0 for ABSENT classes
+    (z_l = 0): absent classes keep their raw score and may still win.
+
+    bg + b_bg(3) = [[4, 3, 7], [5.5, 5, 3]];  c1 + b_fg(5) = [[5, 5, 5], [5, 6, 8]];
+    c2 (absent, + 0) = [[6, 0, 0], [0, 0, 9]]  ->  argmax [[2, 1, 0], [0, 1, 2]].
+    With ``suppress_absent`` (EM-Adapt's "no pixel to an absent class", kept as an option) c2 is
+    out of the argmax: [[1, 1, 0], [0, 1, 1]]."""
     present = torch.tensor([[True, True, False]])
     out = em_fixed(_scores_2x3(), present, b_fg=5.0, b_bg=3.0)
-    assert out.tolist() == [[[1, 1, 0], [0, 1, 1]]]
-    # with equal biases the plain argmax over present classes decides: bg wins where bg > c1
-    out0 = em_fixed(_scores_2x3(), present, b_fg=0.0, b_bg=0.0)
+    assert out.tolist() == [[[2, 1, 0], [0, 1, 2]]]
+    assert EStepParams().suppress_absent is None and not EStepParams().absent_suppressed
+    sup = em_fixed(_scores_2x3(), present, b_fg=5.0, b_bg=3.0, suppress_absent=True)
+    assert sup.tolist() == [[[1, 1, 0], [0, 1, 1]]]
+    # with zero biases the plain argmax over all classes decides (absent c2 included)
+    out0 = em_fixed(_scores_2x3(), present, b_fg=0.0, b_bg=0.0, suppress_absent=True)
     assert out0.tolist() == [[[0, 0, 0], [0, 0, 1]]]
+    assert em_fixed(_scores_2x3(), present, b_fg=0.0, b_bg=0.0).tolist() == [[[2, 0, 0], [0, 0, 2]]]
 
 
 def test_em_fixed_region_sends_outside_to_background() -> None:
+    """Bbox-EM-Fixed (Sec. 3.3): foreground classes only inside the box region, background outside.
+    Inside, c1 + 5 = [5, 5 | 6, 8] vs bg + 3 = [3, 7 | 5, 3] and the absent c2 (unbiased) = [0, 0 | 0, 9]."""
     present = torch.tensor([[True, True, False]])
     region = torch.tensor([[[False, True, True], [False, True, True]]])
     out = em_fixed(_scores_2x3(), present, region=region)
-    assert out.tolist() == [[[0, 1, 0], [0, 1, 1]]]
+    assert out.tolist() == [[[0, 1, 0], [0, 1, 2]]]
+    assert em_fixed(_scores_2x3(), present, region=region, suppress_absent=True).tolist() == [[[0, 1, 0], [0, 1, 1]]]
 
 
 def test_em_adapt_hand_computed_1x10() -> None:
@@ -42,6 +56,39 @@ def test_em_adapt_hand_computed_1x10() -> None:
     assert b[0].item() == pytest.approx(4.0, abs=1e-2) and b[1].item() == 0.0
     out = em_adapt(scores, torch.tensor([[True, True]]), rho_fg=0.2, rho_bg=0.4)
     assert out.flatten().tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_em_adapt_rho_per_present_class_hand_computed_1x10() -> None:
+    """EM-Adapt (Sec. 3.2): "at least a rho_l portion of the image area is assigned to class l if
+    z_l = 1" with rho_l = rho_fg for EVERY present foreground class (DeepLab's
+    AdaptiveBiasChannelLayer gives fg_portion to each), and no pixel to an absent class.
+
+    1 x 10 image, bg = 0, c1 = -(j + 1), c2 = -(10 - j), c3 absent = +50. rho_fg = 0.2, rho_bg = 0.4.
+    Background wins all 10 pixels (>= 4) before biasing. Default ``fg_share="per_class"``: each fg
+    class needs ceil(0.2 * 10) = 2 pixels; c1's margins to bg are j + 1, so b_1 = 2 + eps and c1 wins
+    pixels 0, 1; symmetrically c2 wins 8, 9. ``fg_share="total"`` (0.2 / 2 = 0.1 each, 1 pixel):
+    c1 wins pixel 0 and c2 pixel 9 only."""
+    j = torch.arange(10, dtype=torch.float32)
+    scores = torch.stack([torch.zeros(10), -(j + 1), -(10 - j), torch.full((10,), 50.0)]).reshape(1, 4, 1, 10)
+    present = torch.tensor([[True, True, True, False]])
+    assert EStepParams().fg_share == "per_class"
+    out = em_adapt(scores, present, rho_fg=0.2, rho_bg=0.4)
+    assert out.flatten().tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 2, 2]
+    tot = e_step(scores, present, EStepParams(mode="adapt", fg_share="total"))
+    assert tot.flatten().tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    b = adaptive_biases(scores[0, :3].reshape(3, 10), torch.tensor([True, False, False]), 0.2, 0.4)
+    assert b.tolist() == pytest.approx([0.0, 2.0, 2.0], abs=1e-2)
+    # EM-Adapt keeps suppressing absent classes by default (c3 = +50 never wins) ...
+    assert EStepParams(mode="adapt").absent_suppressed
+    # ... and with ``suppress_absent=False`` an absent class competes unbiased. c3 = +50 on pixels
+    # 0..4 and -50 on 5..9, rho_bg = 0: c1's margins to max(bg, c2, c3) are 51..55 then 6..10, so
+    # b_1 = 7 + eps (pixels 5, 6); c2's margins on 7, 8, 9 are then 3, 2, 1, so b_2 = 2 + eps (8, 9).
+    s2 = scores.clone()
+    s2[0, 3, 0] = torch.tensor([50.0] * 5 + [-50.0] * 5)
+    free = e_step(s2, present, EStepParams(mode="adapt", rho_bg=0.0, suppress_absent=False))
+    assert free.flatten().tolist() == [3, 3, 3, 3, 3, 1, 1, 0, 2, 2]
+    sup = e_step(s2, present, EStepParams(mode="adapt", rho_bg=0.0))
+    assert sup.flatten().tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 2, 2]
 
 
 @pytest.mark.parametrize("fg_share", ["total", "per_class"])
@@ -74,15 +121,19 @@ def test_present_layout_matches_full_layout_and_large_space() -> None:
     ids = [0, 4, 15]
     present[0, ids] = True
     for mode in ("fixed", "adapt"):
-        p = EStepParams(mode=mode)  # type: ignore[arg-type]
+        # the present layout holds only present classes: it is the absent-suppressed E-step
+        p = EStepParams(mode=mode, suppress_absent=True)  # type: ignore[arg-type]
         full = e_step(scores, present, p)[0].numpy()
         comp = e_step_present(scores[0, ids].numpy(), np.array(ids), p, background_id=0)
         assert isinstance(comp, np.ndarray) and comp.dtype == np.int64
         np.testing.assert_array_equal(full, comp)
     # ids from a 21,841-class space: only the P rows are touched
     big_ids = np.array([0, 9000, 21840])
-    lab = e_step_present(scores[0, :3].numpy(), big_ids, EStepParams(), background_id=0)
+    lab = e_step_present(scores[0, :3].numpy(), big_ids, EStepParams(suppress_absent=True), background_id=0)
     assert set(np.unique(lab)) <= set(big_ids.tolist())
+    # EM-Fixed with absent classes unbiased (Eq. 10) needs the absent classes' scores: refused here
+    with pytest.raises(ValueError, match="suppress_absent"):
+        e_step_present(scores[0, :3].numpy(), big_ids, EStepParams(), background_id=0)
 
 
 def test_bad_shapes_raise() -> None:
@@ -90,5 +141,6 @@ def test_bad_shapes_raise() -> None:
         e_step(torch.zeros(1, 3, 2, 2), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="background id"):
         e_step_present(np.zeros((2, 2, 2), np.float32), [1, 2], background_id=0)
-    with pytest.raises(ValueError):
-        EStepParams(mode="adapt", rho_fg=0.7, rho_bg=0.5)
+    for share in ("total", "per_class"):   # one present fg class must be able to meet both targets
+        with pytest.raises(ValueError, match="rho_fg"):
+            EStepParams(mode="adapt", rho_fg=0.7, rho_bg=0.5, fg_share=share)  # type: ignore[arg-type]

@@ -6,7 +6,8 @@ time:
 
 * **E-step** (weak rows): the current network's scores, detached and bilinearly upsampled to the
   crop, go through :func:`raysemiseg.pseudolabel.em.e_step` (the one E-step of the project) with
-  the row's image-level labels: EM-Fixed (``b_fg``, ``b_bg``) or EM-Adapt (``rho_fg``, ``rho_bg``).
+  the row's image-level labels: EM-Fixed (``b_fg``, ``b_bg``; absent classes unbiased, Eq. 10) or
+  EM-Adapt (``rho_fg`` per present foreground class, ``rho_bg``; absent classes suppressed).
   With ``use_boxes`` the foreground biases act only inside the row's boxes (Bbox-EM-Fixed,
   Sec. 4.2; ``batch.box_masks``), rows without boxes fall back to the image-level E-step.
 * **M-step**: cross-entropy of the (non-detached) scores against those labels, plus
@@ -50,7 +51,13 @@ class WsslParams(StrongOnlyParams):
     Attributes:
         estep: ``"fixed"`` (EM-Fixed) or ``"adapt"`` (EM-Adapt).
         b_fg, b_bg: EM-Fixed biases (score units) for present foreground classes / background.
-        rho_fg, rho_bg: EM-Adapt minimum pixel fractions for present foreground / background.
+        rho_fg, rho_bg: EM-Adapt minimum pixel fractions per present foreground class /
+            background.
+        fg_share: EM-Adapt foreground targets: ``"per_class"`` (default, Sec. 3.2 and DeepLab's
+            adaptive-bias layer: each present foreground class gets at least ``rho_fg``) or
+            ``"total"`` (``rho_fg / n_fg`` each).
+        suppress_absent: take absent classes (z_l = 0) out of the E-step's argmax; ``None`` = the
+            paper's rule: unbiased for EM-Fixed (Eq. 10), suppressed for EM-Adapt.
         use_boxes: Bbox-EM-Fixed: foreground biases only inside the row's boxes.
         weak_weight: weight of the weak rows' cross-entropy relative to the strong rows'.
         use_label_store: train weak rows that have a stored pseudo label on it (skip the E-step).
@@ -66,6 +73,8 @@ class WsslParams(StrongOnlyParams):
     b_bg: float = 3.0
     rho_fg: float = Field(0.20, ge=0.0, le=1.0)
     rho_bg: float = Field(0.40, ge=0.0, le=1.0)
+    fg_share: Literal["total", "per_class"] = "per_class"
+    suppress_absent: bool | None = None
     use_boxes: bool = False
     weak_weight: float = Field(1.0, ge=0.0)
     use_label_store: bool = True
@@ -73,8 +82,7 @@ class WsslParams(StrongOnlyParams):
 
     @model_validator(mode="after")
     def _check(self) -> "WsslParams":
-        if self.estep == "adapt" and self.rho_fg + self.rho_bg > 1.0 + 1e-9:
-            raise ValueError(f"rho_fg + rho_bg must be <= 1, got {self.rho_fg} + {self.rho_bg}")
+        self.estep_params()  # the E-step's own checks (EM-Adapt: rho_fg + rho_bg <= 1)
         if self.use_boxes and self.estep != "fixed":
             raise ValueError("use_boxes (Bbox-EM-Fixed) requires estep='fixed'")
         return self
@@ -84,7 +92,8 @@ class WsslParams(StrongOnlyParams):
         from raysemiseg.pseudolabel.em import EStepParams
 
         return EStepParams(mode=self.estep, b_fg=self.b_fg, b_bg=self.b_bg,
-                           rho_fg=self.rho_fg, rho_bg=self.rho_bg)
+                           rho_fg=self.rho_fg, rho_bg=self.rho_bg, fg_share=self.fg_share,
+                           suppress_absent=self.suppress_absent)
 
 
 @register
