@@ -153,28 +153,56 @@ def test_select_targets_precedence():
     assert t2[1].tolist() == [[9, 9]] and src2[1] == SOURCE_ESTEP
 
 
-def test_compute_losses_is_ce_against_estep_on_current_scores():
-    torch.manual_seed(0)
-    m = make_wssl(estep="fixed").eval()        # eval: BatchNorm uses running stats -> deterministic
-    batch = make_batch(2, 2)
-    batch.pseudo[3, :4] = 5                   # row 3 has a stored pseudo label -> no E-step
-    losses = m.compute_losses(batch)
-    assert set(losses) == {"strong_ce", "weak_ce"}
+def _constant_logit_wssl(**params):
+    """A WSSL net whose logits are the fc8 bias everywhere (fc8 weight 0): 1 for class 3, -1 for
+    class 7, 0 else. Per-pixel CE is then z - 1 at class 3, z + 1 at class 7 and z at any other
+    class, z = ln(19 + e + 1/e)."""
+    m = make_wssl(**params)
     with torch.no_grad():
-        logits = torch.nn.functional.interpolate(m.logits(batch.images), size=(32, 32), mode="bilinear",
-                                                 align_corners=False)
-        est = e_step(logits, batch.image_labels > 0.5, EStepParams(mode="fixed"))
-        weak_t = torch.full_like(batch.masks, IG)
-        weak_t[2] = est[2]
-        weak_t[3] = batch.pseudo[3]
-        strong_t = batch.masks.clone()
-        strong_t[2:] = IG
-        assert losses["weak_ce"].item() == pytest.approx(masked_cross_entropy(logits, weak_t).item(), rel=1e-5)
-        assert losses["strong_ce"].item() == pytest.approx(masked_cross_entropy(logits, strong_t).item(), rel=1e-5)
+        m.head.fc8.weight.zero_()
+        m.head.fc8.bias.zero_()
+        m.head.fc8.bias[3] = 1.0
+        m.head.fc8.bias[7] = -1.0
+    return m
+
+
+def _three_row_batch(size: int = 4) -> Batch:
+    """Row 0 strong: 4 pixels of class 3, the rest void. Row 1 weak (labels {bg, 7}), no stored label:
+    EM-Fixed on the constant logits gives bg 0 + 3, class 7 -1 + 5, absent class 3 1 + 0 -> class 7
+    on all 16 pixels (swapped biases would give background). Row 2 weak with a stored pseudo label: 8 pixels of class 3 (no E-step)."""
+    b = make_batch(1, 2, size=size)
+    b.masks[0] = IG
+    b.masks[0, 0] = 3
+    b.pseudo[2, :2] = 3
+    return b
+
+
+def test_compute_losses_pools_strong_and_weak_pixels_eq1():
+    """WSSL's M-step (Papandreou et al. 2015 Eq. 1 / Alg. 1 l.4, semi-supervised Sec. 3.4): ONE sum
+    of log P(y_m | x) over all pixels m of the mixed mini-batch, strong masks and weak targets alike;
+    this project divides it by the number of labelled pixels (a mean, as for strong_only).
+
+    Hand-checked on :func:`_three_row_batch`, z = ln(19 + e + 1/e): strong 4 px at z - 1, E-step
+    16 px at class 7 (z + 1), stored 8 px at class 3 (z - 1):
+    pooled = (4 (z - 1) + 16 (z + 1) + 8 (z - 1)) / 28; with weak_weight 0.5 the weak pixels count
+    half. ``loss_pooling="per_group"`` (the former form): (z - 1) + (16 (z + 1) + 8 (z - 1)) / 24."""
+    z = math.log(19 + math.e + 1 / math.e)
+    batch = _three_row_batch()
+    losses = _constant_logit_wssl(estep="fixed").compute_losses(batch)
+    assert set(losses) == {"strong_ce", "weak_ce"}
+    assert losses["strong_ce"].item() == pytest.approx(4 * (z - 1) / 28, rel=1e-5)
+    assert losses["weak_ce"].item() == pytest.approx((16 * (z + 1) + 8 * (z - 1)) / 28, rel=1e-5)
+    half = _constant_logit_wssl(estep="fixed", weak_weight=0.5).compute_losses(batch)
+    assert sum(half.values()).item() == pytest.approx((4 * (z - 1) + 0.5 * (16 * (z + 1) + 8 * (z - 1))) / 28, rel=1e-5)
+    per = _constant_logit_wssl(estep="fixed", loss_pooling="per_group").compute_losses(batch)
+    assert per["strong_ce"].item() == pytest.approx(z - 1, rel=1e-5)
+    assert per["weak_ce"].item() == pytest.approx((16 * (z + 1) + 8 * (z - 1)) / 24, rel=1e-5)
+    # use_label_store: false -> row 2 gets the E-step too (16 px of class 7 instead of 8 of class 3)
+    nostore = _constant_logit_wssl(estep="fixed", use_label_store=False).compute_losses(batch)
+    assert sum(nostore.values()).item() == pytest.approx((4 * (z - 1) + 32 * (z + 1)) / 36, rel=1e-5)
     # the E-step labels are targets (no gradient through them); the loss has one
-    m.train()
-    total = sum(m.compute_losses(batch).values())
-    total.backward()
+    m = make_wssl(estep="fixed")
+    sum(m.compute_losses(batch).values()).backward()
     assert m.head.fc8.weight.grad is not None and float(m.head.fc8.weight.grad.abs().sum()) > 0
 
 

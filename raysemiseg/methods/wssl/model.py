@@ -10,9 +10,11 @@ time:
   EM-Adapt (``rho_fg`` per present foreground class, ``rho_bg``; absent classes suppressed).
   With ``use_boxes`` the foreground biases act only inside the row's boxes (Bbox-EM-Fixed,
   Sec. 4.2; ``batch.box_masks``), rows without boxes fall back to the image-level E-step.
-* **M-step**: cross-entropy of the (non-detached) scores against those labels, plus
-  cross-entropy of the strong rows against their pixel masks (semi-supervised, Sec. 3.4: the
-  fixed strong/weak proportion per mini-batch is ``data.strong_fraction`` of the run config).
+* **M-step**: cross-entropy of the (non-detached) scores against those labels and of the strong
+  rows against their pixel masks, pooled over all labelled pixels of the mixed batch (Eq. 1;
+  semi-supervised, Sec. 3.4: the fixed strong/weak proportion per mini-batch is
+  ``data.strong_fraction`` of the run config; ``loss_pooling: per_group`` averages each group
+  separately instead).
 
 Target precedence per row (:func:`raysemiseg.methods.wssl.losses.select_targets`):
 strong mask > stored pseudo label (``batch.pseudo``, e.g. a Bbox-Rect or Bbox-Seg label store;
@@ -60,6 +62,10 @@ class WsslParams(StrongOnlyParams):
             paper's rule: unbiased for EM-Fixed (Eq. 10), suppressed for EM-Adapt.
         use_boxes: Bbox-EM-Fixed: foreground biases only inside the row's boxes.
         weak_weight: weight of the weak rows' cross-entropy relative to the strong rows'.
+        loss_pooling: ``"pooled"`` (default, Eq. 1 / Sec. 3.4): one CE over all labelled pixels of
+            the mixed batch (sum over strong and weak pixels / their total count), so the per-pixel
+            strong:weak weight is 1 : ``weak_weight`` and ``data.strong_fraction`` sets the mix;
+            ``"per_group"``: strong and weak CE each averaged over their own pixels, then added.
         use_label_store: train weak rows that have a stored pseudo label on it (skip the E-step).
         init_from: Cross-Pretrain checkpoint (file or Ray checkpoint directory); its classifier
             is replaced, everything else is loaded. Like ImageNet weights it is applied only
@@ -77,6 +83,7 @@ class WsslParams(StrongOnlyParams):
     suppress_absent: bool | None = None
     use_boxes: bool = False
     weak_weight: float = Field(1.0, ge=0.0)
+    loss_pooling: Literal["pooled", "per_group"] = "pooled"
     use_label_store: bool = True
     init_from: str | None = None
 
@@ -149,7 +156,11 @@ class WsslEM(StrongOnly):
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
         """``{"strong_ce", "weak_ce"}``: CE on strong rows' masks and (times ``weak_weight``) CE on
-        weak rows' stored pseudo labels or online E-step labels (precedence in the module doc)."""
+        weak rows' stored pseudo labels or online E-step labels (precedence in the module doc).
+
+        With ``loss_pooling="pooled"`` both terms are sums divided by the number of labelled pixels
+        of the whole batch, so ``strong_ce + weak_ce`` is the pooled mean of Eq. 1 (for
+        ``weak_weight = 1``); with ``"per_group"`` each is its own group's mean."""
         size = tuple(batch.masks.shape[-2:])
         logits = upsample_to(self.logits(batch.images), size)
         strong = batch.is_strong.to(torch.bool)
@@ -163,9 +174,10 @@ class WsslEM(StrongOnly):
         weak_t[strong] = self.ignore_index
         strong_t = targets.clone()
         strong_t[~strong] = self.ignore_index
+        norm = (targets != self.ignore_index).sum() if self.params.loss_pooling == "pooled" else None
         return {
-            "strong_ce": masked_cross_entropy(logits, strong_t, self.ignore_index),
-            "weak_ce": self.params.weak_weight * masked_cross_entropy(logits, weak_t, self.ignore_index),
+            "strong_ce": masked_cross_entropy(logits, strong_t, self.ignore_index, norm),
+            "weak_ce": self.params.weak_weight * masked_cross_entropy(logits, weak_t, self.ignore_index, norm),
         }
 
 
