@@ -97,7 +97,7 @@ class NeckParams(MethodParams):
     neck_dilation: int = Field(1, ge=1)
     backbone_lr_mult: float = Field(0.05, gt=0.0)
     head_lr_mult: float = Field(1.0, gt=0.0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
 
 
 class DualBranchParams(NeckParams):
