@@ -40,6 +40,9 @@ class Batch:
         box_masks: optional (N, H, W) int64 Bbox-Rect rendering of the row's boxes (class id inside
             boxes, background outside), ``ignore_index`` for rows without boxes.
         image_ids: the rows' ids (for logging and overlays).
+        valid: optional (N, H, W) bool, True on the image's own pixels and False on padding added
+            by the crop (:func:`raysemiseg.train.data.augment_example`); ``None`` = every pixel
+            valid (see :meth:`valid_mask`). Invalid pixels get no E-step label and no loss.
     """
 
     images: Tensor
@@ -49,6 +52,13 @@ class Batch:
     is_strong: Tensor
     box_masks: Tensor | None = None
     image_ids: list[str] = field(default_factory=list)
+    valid: Tensor | None = None
+
+    def valid_mask(self) -> Tensor:
+        """(N, H, W) bool valid-pixel mask: ``valid``, or all True (shape of ``masks``) when absent."""
+        if self.valid is not None:
+            return self.valid.to(torch.bool)
+        return torch.ones(self.masks.shape, dtype=torch.bool, device=self.masks.device)
 
     def to(self, device: torch.device | str) -> "Batch":
         """Move every tensor to ``device`` (non-blocking)."""
@@ -110,6 +120,10 @@ class Method(nn.Module):
     #: per stage, glob patterns of trainable parameter names that legitimately get no gradient
     #: in that stage (checked by tests/methods/test_registry.py); empty for most methods
     GRAD_FREE: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: auxiliary stages: their val mIoU does not measure what they train (the segmenter it scores
+    #: is frozen or untrained), so the driver hands on their *latest* checkpoint, not the best
+    #: by val mIoU (:func:`raysemiseg.train.driver.checkpoint_rule`)
+    AUX_STAGES: ClassVar[tuple[str, ...]] = ()
     #: ``predict(images, image_labels)`` conditions on given (N, K) multi-hot image labels when they
     #: are passed (TransferNet-GT, DecoupledNet); evaluators pass them only to such methods
     label_conditioned: ClassVar[bool] = False

@@ -46,15 +46,31 @@ def test_registered() -> None:
 
 
 def test_pnet_layers_match_table_1() -> None:
-    """Six 3x3 convs 16-32-64-64-128-128, three 2x2 pools, fc 256-512-1."""
+    """Xiao et al. 2018, Table 1: six 3x3 convs 16-32-64-64-128-128 (ReLU), three 2x2 pools, then
+    fc4 256 **tanh**, fc5 512 **tanh**, fc6 1 **sigmoid** (the sigmoid is applied inside the BCE:
+    ``forward`` returns fc6's logit, O_P = sigmoid(logit))."""
     net = PNet(64)
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 32, 64, 64, 128, 128]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    assert [type(m) for m in net.features].count(nn.ReLU) == 6
     pools = [m for m in net.features if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 3 and all(p.kernel_size == 2 for p in pools)
+    assert [type(m) for m in net.classifier] == [nn.Linear, nn.Tanh, nn.Linear, nn.Tanh, nn.Linear]
     fcs = [m for m in net.classifier if isinstance(m, nn.Linear)]
     assert [f.out_features for f in fcs] == [256, 512, 1]
+    # hand-checked: fc4 = fc5 = 0 weights, bias -1 -> tanh(-1) = -0.761594 (ReLU would give 0);
+    # fc6 = weights 1, bias 0 -> logit = 512 * tanh(-1) = -389.936
+    with torch.no_grad():
+        for f in fcs:
+            f.weight.zero_()
+        fcs[0].bias.fill_(-1.0)
+        fcs[1].weight.fill_(0.0)
+        fcs[1].bias.fill_(-1.0)
+        fcs[2].weight.fill_(1.0)
+        fcs[2].bias.zero_()
+        assert torch.allclose(net(torch.randn(2, 3, 64, 64)), torch.full((2,), -389.936), atol=1e-2)
+    net = PNet(64)
     x = torch.randn(4, 3, 64, 64)
     assert net.features(x).shape == (4, 128, 8, 8)
     assert net(x).shape == (4,)
@@ -101,6 +117,109 @@ def test_adversarial_groups_are_separated() -> None:
     losses = m.compute_losses(batch())
     losses["main/adv"].backward()
     assert all(p.grad is not None for p in m.head.parameters())
+
+
+def pnet_batch_sizes(m: LNetPNet, b: Batch) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """compute_losses(b) and the number of masked images of each P-Net call (forward pre-hook)."""
+    sizes: list[int] = []
+    h = m.pnet.register_forward_pre_hook(lambda mod, args: sizes.append(int(args[0].shape[0])))
+    try:
+        return m.compute_losses(b), sizes
+    finally:
+        h.remove()
+
+
+def test_joint_real_samples_include_the_weak_labels() -> None:
+    """X17. Xiao et al. Eq. 3 sums over every training image I: J_b(1, O_P(L_I)) + J_b(0, O_P(O_S(I))),
+    where a weak image's label L_I is its weak label L_w (batch.pseudo). So the real and the fake
+    samples come from the same (image, class) pairs and each category appears on both sides (no
+    category shortcut for P-Net).
+
+    batch(): row 0 strong, class 5 on truth[0, 8:40, 8:40] (32 x 32 = 1024 px); row 1 weak, L_w
+    holds class 9 on [20:60, 10:30] (40 x 20 = 800 px)."""
+    m = make()
+    m.set_stage("joint")
+    m.train()
+    b = batch()
+    img, maps = m._real_pairs(b)
+    assert img.tolist() == [0, 1]
+    assert maps[0].sum() == 1024 and maps[1].sum() == 800
+    assert torch.equal(maps[1], (b.pseudo[1] == 9).float())
+    losses, sizes = pnet_batch_sizes(m, b)
+    assert sizes == [2, 2, 2]  # real, generator's fake (Eq. 4), detached fake (Eq. 3): the same 2 pairs
+    # a weak row without L_w for its class gives neither a real nor a fake sample
+    b.pseudo[1] = 255
+    img, _ = m._real_pairs(b)
+    assert img.tolist() == [0]
+    _, sizes = pnet_batch_sizes(m, b)
+    assert sizes == [1, 1, 1]
+    # a strong row whose crop holds no pixel of a labelled class: no (black) real sample either
+    b.masks[0] = 0
+    losses, sizes = pnet_batch_sizes(m, b)
+    assert sizes == [] and set(losses) == {"main/seg_strong", "main/seg_weak", "main/adv", "disc/real", "disc/fake"}
+    assert float(losses["main/adv"]) == 0.0 and losses["main/adv"].requires_grad
+
+
+def test_pnet_losses_hand_checked_generator_is_non_saturating() -> None:
+    """Eq. 3 (P-Net): L_P = -[log O_P(x*y) + log(1 - O_P(x*S(x)_c))]; Eq. 4 (generator):
+    L_adv = -log O_P(x*S(x)_c), i.e. the fake labelled 1 (non-saturating), weighted by lambda.
+
+    fc6 weights 0, bias b = 2: O_P = sigmoid(2) for every input, so
+    disc/real = log(1 + e^-2) = 0.126928, disc/fake = log(1 + e^2) = 2.126928,
+    main/adv = 0.5 * 0.126928 = 0.063464 (labelling the fake 0 would give 1.063464, the saturating
+    log(1 - O_P) form -1.063464)."""
+    m = make(lambda_adv=0.5)
+    m.set_stage("joint")
+    m.train()
+    fc6 = m.pnet.classifier[-1]
+    with torch.no_grad():
+        fc6.weight.zero_()
+        fc6.bias.fill_(2.0)
+    losses = m.compute_losses(batch())
+    assert abs(float(losses["disc/real"]) - 0.126928) < 1e-5
+    assert abs(float(losses["disc/fake"]) - 2.126928) < 1e-5
+    assert abs(float(losses["main/adv"]) - 0.063464) < 1e-5
+
+
+def test_pretrain_fake_is_the_segmenters_prediction() -> None:
+    """X18. P-Net pre-training (Xiao et al. Sec. 3.3) on the strong categories: real = x * ground
+    truth, fake = x * S(x)_c of the (trained, frozen) segmentation network, for the same pairs."""
+    m = make()
+    m.set_stage("pretrain_pnet")
+    m.train()
+    b = batch()
+    seen: list[torch.Tensor] = []
+    h = m.pnet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    m.compute_losses(b)
+    h.remove()
+    with torch.no_grad():
+        prob = torch.softmax(m.seg_logits(b.images), dim=1)[0, 5]
+    assert len(seen) == 2 and seen[1].shape == (1, 3, 64, 64)
+    assert torch.allclose(seen[0], b.images[:1] * (b.masks[0] == 5).float())
+    assert torch.allclose(seen[1], b.images[:1] * prob, atol=1e-6)
+    m2 = make(pretrain_fake="corrupted")
+    m2.set_stage("pretrain_pnet")
+    assert set(m2.compute_losses(b)) == {"disc/real", "disc/fake"}
+
+
+def test_c3s_pnet_arm_fine_tunes_the_trained_segmenter() -> None:
+    """X19. Xiao et al.: the segmentation model is trained first (L_s + L_w), then fine-tuned with
+    P-Net (seg lr 1e-5, P-Net lr 1e-3 against DeepLab's 1e-3 training lr). The lnet-pnet arm starts
+    from the lnet arm's trained segmenter (step ``segment``), pre-trains P-Net with it frozen, and
+    fine-tunes at 1/100 of the segment step's lr with P-Net at 100x (``disc_lr_mult``)."""
+    from raysemiseg.experiment import load_experiment, plan_experiment
+
+    ecfg = load_experiment("configs/experiments/c3s_split1.yaml")
+    ecfg = ecfg.model_copy(update={"arms": [a for a in ecfg.arms if a.name in ("lnet", "lnet-pnet")]})
+    plan = {(a, s): item for a, s, item in plan_experiment(ecfg)}
+    seg, pre, joint = plan[("lnet", "segment")], plan[("lnet-pnet", "pretrain_pnet")], plan[("lnet-pnet", "joint")]
+    assert seg.method.stage == "segment" and seg.method.params["init_from"] == "<lnet.lnet>"
+    assert pre.method.params["init_from"] == "<lnet.segment>"
+    assert joint.method.params["init_from"] == "<lnet-pnet.pretrain_pnet>"
+    assert joint.optim.lr == seg.optim.lr / 100
+    assert joint.method.build_params().disc_lr_mult == 100
+    assert pre.method.build_params().pretrain_fake == "predicted"
+    assert LNetPNetParams().disc_lr_mult == 100
 
 
 def test_pretrain_pnet_trains_pnet_only() -> None:

@@ -9,14 +9,20 @@ Segmentation", AAAI 2018).
 * **Segmentation network**: backbone + LargeFOV head over the label space, cross-entropy on the
   strong masks L_s and on the weak rows' pseudo labels L_w (``batch.pseudo``, from a label store).
 * **P-Net** (Sec. 3.3, Table 1): six 3x3 convolutions 16-32-64-64-128-128 (ReLU) with a 2x2 max
-  pool after every second one, then fully connected layers 256-512-1 (ReLU, the last a logit).
-  Input: the image multiplied by one class's mask (a (3, S, S) "masked image", S =
-  ``pnet_input_size``). Table 1's "fc 256-512-1" is read here as three fully connected layers with
-  256, 512 and 1 outputs on the flattened 128 x S/8 x S/8 map.
-* **Adversarial training** (Eq. 3-5): P-Net learns to tell image x ground-truth mask (real, strong
-  rows) from image x predicted class probability (fake, every row's present labels):
-  L_P = -[log P(x ⊙ y) + log(1 - P(x ⊙ S(x)_c))] (Eq. 3); the segmentation network minimises
-  L_S = L_ce + lambda * L_adv with L_adv = -log P(x ⊙ S(x)_c) (Eq. 4-5).
+  pool after every second one, then fully connected layers fc4 256 (tanh), fc5 512 (tanh) and fc6 1
+  (sigmoid; ``PNet.forward`` returns fc6's logit and the sigmoid is applied inside the binary
+  cross-entropy, which is the numerically stable form of the same J_b). Input: the image
+  multiplied by one class's mask (a (3, S, S) "masked image", S = ``pnet_input_size``), fc4 acting
+  on the flattened 128 x S/8 x S/8 map.
+* **Adversarial training** (Eq. 3-5): P-Net learns to tell the image times the class's label map
+  (real) from the image times the predicted class probability (fake), for the same (image, class)
+  pairs: L_P = -[log P(x ⊙ y_c) + log(1 - P(x ⊙ S(x)_c))] (Eq. 3, summed over every training image).
+  y is the image's label: the ground-truth mask L_s on strong rows and the weak label L_w
+  (``batch.pseudo``, from the label store) on weak rows, so every category is seen as real and as
+  fake and P-Net cannot separate them by category. A pair whose label map holds no pixel of its
+  class (a weak row without L_w, a crop that lost the object) gives no sample. The segmentation
+  network minimises L_S = L_ce + lambda * L_adv with the non-saturating L_adv = -log P(x ⊙ S(x)_c)
+  (Eq. 4-5: the fake labelled 1 for the generator).
 
 Methods and stages (the shared loop switches with ``set_stage``):
 
@@ -24,10 +30,17 @@ Methods and stages (the shared loop switches with ``set_stage``):
 ``"default"`` (both at once).
 
 ``"lnet_pnet"`` (:class:`LNetPNet`), two optimizer groups ``"main"`` (L-Net + segmentation net)
-and ``"disc"`` (P-Net): ``"lnet"``, ``"pretrain_pnet"`` (P-Net on the strong categories: real =
-ground-truth masks, fake = corrupted ground-truth masks: the mask's bounding box and the mask
-shifted by a random offset of 1/4 of its size, a documented choice since the segmentation net is
-not trained yet), ``"joint"`` (segmentation net + P-Net, Eq. 3-5) and ``"default"`` (everything).
+and ``"disc"`` (P-Net): ``"lnet"``, ``"pretrain_pnet"`` (P-Net on the strong categories with the
+segmentation net frozen: real = x ⊙ ground-truth mask, fake = x ⊙ the segmentation net's
+prediction S(x)_c, as in the paper, so start it from a *trained* segmenter, e.g. ``lnet``'s
+``segment`` stage; ``pretrain_fake: corrupted`` instead uses corrupted ground-truth masks: the
+mask's bounding box or the mask shifted by 1/4 of its size), ``"joint"`` (the segmentation net
+fine-tuned with P-Net, Eq. 3-5) and ``"default"`` (everything). Protocol of the paper (Sec. 4):
+train the segmentation net on L_s + L_w first, then fine-tune it adversarially at a small lr
+(seg 1e-5, P-Net 1e-3 against DeepLab's 1e-3 training lr): ``disc_lr_mult`` = 100 by default and
+the joint stage's ``optim.lr`` = 1/100 of the segmentation stage's (configs/experiments/c3s_split1.yaml).
+``lnet`` and ``pretrain_pnet`` are auxiliary stages (:attr:`Method.AUX_STAGES`): the segmenter they
+are scored by is frozen, so their latest checkpoint is handed on.
 Losses are keyed ``"main/..."`` and ``"disc/..."``. The fake inputs of ``disc`` losses are
 detached, so the discriminator's losses never reach the segmentation network; the generator's
 ``main/adv`` back-propagates through P-Net (the loop steps each group's own parameters only).
@@ -36,7 +49,7 @@ detached, so the discriminator's losses never reach the segmentation network; th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -68,7 +81,13 @@ class LNetPNetParams(LNetParams):
     lambda_adv: float = Field(0.1, ge=0.0, description="lambda of Eq. 4: weight of the adversarial term L_adv")
     pnet_input_size: int = Field(64, ge=8, multiple_of=8, description="S: masked images are resized to S x S")
     max_pairs: int = Field(32, ge=1, description="cap on (image, class) pairs per batch for P-Net")
-    disc_lr_mult: float = Field(1.0, gt=0.0, description="P-Net learning rate / base learning rate")
+    disc_lr_mult: float = Field(100.0, gt=0.0, description=(
+        "P-Net learning rate / base learning rate (the segmentation backbone's); Xiao et al. fine-tune "
+        "the segmentation net at 1e-5 with P-Net at 1e-3, a ratio of 100"))
+    pretrain_fake: Literal["predicted", "corrupted"] = Field("predicted", description=(
+        "fake samples of stage pretrain_pnet: 'predicted' = x * S(x)_c of the frozen segmentation net "
+        "(the paper; start from a trained segmenter), 'corrupted' = x * a corrupted ground-truth mask "
+        "(bounding box / shifted mask)"))
 
 
 def class_agnostic_target(masks: Tensor, background_id: int, ignore_index: int = 255) -> Tensor:
@@ -93,7 +112,8 @@ class PNet(nn.Module):
     """P-Net of Xiao et al. 2018, Table 1: (P, 3, S, S) masked images -> (P,) real/fake logits.
 
     conv3x3-16, conv3x3-32, pool2, conv3x3-64, conv3x3-64, pool2, conv3x3-128, conv3x3-128, pool2,
-    fc-256, fc-512, fc-1 (ReLU after every layer but the last).
+    fc4-256 tanh, fc5-512 tanh, fc6-1 (ReLU after every conv). ``forward`` returns fc6's logit; its
+    sigmoid is O_P, the probability that the masked image is real (applied inside the BCE).
     """
 
     CONV_WIDTHS: tuple[int, ...] = (16, 32, 64, 64, 128, 128)
@@ -117,10 +137,11 @@ class PNet(nn.Module):
         for j, f in enumerate(self.FC_WIDTHS):
             fcs.append(nn.Linear(flat if j == 0 else self.FC_WIDTHS[j - 1], f))
             if j < len(self.FC_WIDTHS) - 1:
-                fcs.append(nn.ReLU(inplace=True))
+                fcs.append(nn.Tanh())  # Table 1: fc4, fc5 tanh
         self.classifier = nn.Sequential(*fcs)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(P, 3, H, W) masked images (resized to S x S when needed) -> (P,) float logits."""
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.classifier(self.features(x).flatten(1)).squeeze(1)
@@ -139,6 +160,8 @@ class LNet(Method):
     Params = LNetParams
     uses = ("pixel", "image")
     STAGES: tuple[str, ...] = ("default", "lnet", "segment")
+    #: stage lnet trains L-Net only: the (frozen) segmentation net's val mIoU does not move
+    AUX_STAGES: ClassVar[tuple[str, ...]] = ("lnet",)
 
     def __init__(self, label_space: LabelSpace, model: Any, params: LNetParams | None = None) -> None:
         super().__init__(label_space, model, params)
@@ -241,6 +264,8 @@ class LNetPNet(LNet):
     name = "lnet_pnet"
     Params = LNetPNetParams
     STAGES = ("default", "lnet", "pretrain_pnet", "joint")
+    #: the segmentation net is frozen in both: their val mIoU says nothing about the stage
+    AUX_STAGES: ClassVar[tuple[str, ...]] = ("lnet", "pretrain_pnet")
 
     def __init__(self, label_space: LabelSpace, model: Any, params: LNetPNetParams | None = None) -> None:
         super().__init__(label_space, model, params)
@@ -253,11 +278,32 @@ class LNetPNet(LNet):
         return {"default": seg + lnet + [self.pnet], "lnet": lnet, "pretrain_pnet": [self.pnet],
                 "joint": seg + [self.pnet]}
 
-    def _real_pairs(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(image, class) pairs of strong rows and their binary ground-truth masks (P, H, W) float."""
+    def _pairs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The (image, class) pairs of P-Net's real and fake samples (Eq. 3) and their label maps.
+
+        Stage ``pretrain_pnet`` (the strong categories only): strong rows, label = the ground-truth
+        mask L_s. Other stages: every row, label = L_s on strong rows and the weak label L_w
+        (``batch.pseudo``) on weak rows. A pair is kept only when its label map holds at least one
+        pixel of its class (no all-black "real" sample); at most ``max_pairs``, row-major.
+
+        Returns:
+            ``(img, cls, maps)``: (P,) int64 row indices, (P,) int64 label-space class ids and
+            (P, H, W) float32 binary label maps (1 = the pair's class; void and other classes 0).
+        """
         p: LNetPNetParams = self.params
-        img, cls = present_pairs(batch.image_labels, self.fg_ids, batch.is_strong.bool(), p.max_pairs)
-        return img, (batch.masks[img] == cls[:, None, None]).float()
+        strong = batch.is_strong.bool()
+        rows = strong if self.stage == "pretrain_pnet" else None
+        img, cls = present_pairs(batch.image_labels, self.fg_ids, rows)
+        label = torch.where(strong[:, None, None], batch.masks, batch.pseudo)
+        maps = (label[img] == cls[:, None, None]).float()
+        keep = maps.flatten(1).sum(1) > 0
+        img, cls, maps = img[keep][:p.max_pairs], cls[keep][:p.max_pairs], maps[keep][:p.max_pairs]
+        return img, cls, maps
+
+    def _real_pairs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Rows (P,) int64 and binary label maps (P, H, W) float of P-Net's real samples (:meth:`_pairs`)."""
+        img, _, maps = self._pairs(batch)
+        return img, maps
 
     def _corrupted(self, gt: Tensor) -> Tensor:
         """Fake masks for P-Net pre-training: the even pairs get their mask's bounding box, the odd
@@ -285,25 +331,30 @@ class LNetPNet(LNet):
             losses["main/lnet"] = self._lnet_loss(batch)
         if self.stage == "lnet":
             return losses
-        real_img, real_maps = self._real_pairs(batch)
-        real_logit = self.pnet(masked_images(batch.images[real_img], real_maps)) if real_img.numel() else None
+        img, cls, real_maps = self._pairs(batch)  # real and fake samples share the pairs (Eq. 3)
+        x = batch.images[img]
+        real_logit = self.pnet(masked_images(x, real_maps)) if img.numel() else None
         if self.stage == "pretrain_pnet":
-            fake_img, fake_maps = real_img, self._corrupted(real_maps)
-            fake_logit = self.pnet(masked_images(batch.images[fake_img], fake_maps)) if fake_img.numel() else None
+            fake_logit = None
+            if img.numel():
+                if p.pretrain_fake == "corrupted":
+                    fake_maps = self._corrupted(real_maps)
+                else:  # the frozen segmentation net's S(x)_c
+                    with torch.no_grad():
+                        fake_maps = torch.softmax(self.seg_logits(x).float(), dim=1)[torch.arange(img.numel()), cls]
+                fake_logit = self.pnet(masked_images(x, fake_maps))
             losses.update(self._disc_losses(real_logit, fake_logit))
             return losses
         logits = self.seg_logits(batch.images)
         for k, v in self._seg_losses(batch, logits).items():
             losses[f"main/{k}"] = v
-        fake_img, fake_cls = present_pairs(batch.image_labels, self.fg_ids, max_pairs=p.max_pairs)
-        if fake_img.numel():
-            prob = torch.softmax(logits.float(), dim=1)[fake_img, fake_cls]  # (P, H, W) = S(x)_c
-            x = batch.images[fake_img]
-            adv_logit = self.pnet(masked_images(x, prob))
+        fake_logit = None
+        losses["main/adv"] = logits.sum() * 0.0  # no pair: a graph-attached 0 (same keys every step)
+        if img.numel():
+            prob = torch.softmax(logits.float(), dim=1)[img, cls]  # (P, H, W) = S(x)_c
+            adv_logit = self.pnet(masked_images(x, prob))  # Eq. 4: -log O_P(x * S(x)_c), fake labelled 1
             losses["main/adv"] = p.lambda_adv * F.binary_cross_entropy_with_logits(adv_logit.float(), torch.ones_like(adv_logit.float()))
             fake_logit = self.pnet(masked_images(x, prob.detach()))
-        else:
-            fake_logit = None
         losses.update(self._disc_losses(real_logit, fake_logit))
         return losses
 
