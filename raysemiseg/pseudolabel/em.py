@@ -27,7 +27,7 @@ bias:
 EM-Adapt rule implemented here (DeepLab's adaptive-bias channel layer, made exact): for every present
 class ``c`` the *score margin* ``d_c(m) = max_{l present} f^_m(l) - f^_m(c) >= 0`` is computed; with
 target fraction ``t_c`` the bias of ``c`` is raised by the ``k``-th smallest margin,
-``k = ceil(t_c * S)`` (``S`` = pixels in the image), plus a tie-breaking epsilon, so that
+``k = ceil(t_c * S)`` (``S`` = valid pixels of the image), plus a tie-breaking epsilon, so that
 ``c`` then wins on at least ``k`` pixels. Targets (``fg_share``): ``t_bg = rho_bg`` for the
 background and, by default (``"per_class"``, the paper's "rho_l of the image area to class l" and
 DeepLab's ``AdaptiveBiasChannelLayer``, which gives ``fg_portion`` to each present fg class),
@@ -38,6 +38,10 @@ raised class wins the contested pixels). ``fg_share="total"`` (a project variant
 classes in ascending id order, and the sweep is repeated until every target holds or ``num_iter``
 sweeps were made (biases only grow, so one class's raise can take pixels from another; the repeats
 fix that). The biases found are returned by :func:`adaptive_biases`.
+
+Valid pixels: ``valid`` marks the image's own pixels; padding added by the training crop is
+invalid. Invalid pixels get ``ignore_index``, are left out of EM-Adapt's pixel count ``S`` (its
+"image area") and never enter the biases.
 
 Region (Bbox-EM-Fixed, Sec. 3.3): with ``region`` given, every non-background class is allowed (and
 biased) only inside the region (a (H, W) mask of "inside any box", or a per-class (K, H, W) mask
@@ -203,6 +207,7 @@ def e_step(
     background_index: int | None = 0,
     region: Tensor | None = None,
     ignore_index: int = 255,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """The E-step on a batch of score maps over a label space (Papandreou et al. 2015, Alg. 1).
 
@@ -216,11 +221,13 @@ def e_step(
         region: optional bool box mask, (N, H, W) ("inside any box") or (N, K, H, W) (inside a box
             of class k): non-background classes are allowed (and biased) only inside it; pixels
             outside go to the background (Bbox-EM-Fixed, Sec. 3.3). Requires a background class.
-        ignore_index: label for rows with no present class at all.
+        ignore_index: label for rows with no present class at all, and for invalid pixels.
+        valid: optional (N, H, W) bool, False on crop padding: those pixels are labelled
+            ``ignore_index`` and do not count in EM-Adapt's pixel total. Default: all valid.
 
     Returns:
         (N, H, W) int64 labels in 0..K-1 (channel indices), ``ignore_index`` for rows with nothing
-        present. No gradient flows (computed under ``torch.no_grad``).
+        present and for invalid pixels. No gradient flows (computed under ``torch.no_grad``).
 
     Raises:
         ValueError: on shape mismatches, or ``region`` without a background class.
@@ -238,6 +245,10 @@ def e_step(
                 raise ValueError("region (Bbox-EM-Fixed) needs a label space with a background class")
             if region.shape not in ((n, h, w), (n, k, h, w)):
                 raise ValueError(f"region must be (N, H, W) or (N, K, H, W), got {tuple(region.shape)}")
+        if valid is not None:
+            if valid.shape != (n, h, w):
+                raise ValueError(f"valid must be (N, H, W) = ({n}, {h}, {w}) bool, got {tuple(valid.shape)}")
+            valid = valid.to(device=scores.device, dtype=torch.bool)
         out = torch.full((n, h, w), ignore_index, dtype=torch.long, device=scores.device)
         all_ids = torch.arange(k, device=scores.device)
         for i in range(n):
@@ -251,18 +262,22 @@ def e_step(
             reg = None
             if region is not None:
                 reg = region[i] if region.ndim == 3 else region[i][ids]
-            lab = _biased_scores(scores[i][ids], bg_pos, params, reg, pres[i][ids]).argmax(dim=0)
-            out[i] = ids[lab]
+            vi = None if valid is None else valid[i]
+            if vi is not None and not bool(vi.any()):
+                continue
+            lab = ids[_biased_scores(scores[i][ids], bg_pos, params, reg, pres[i][ids], vi).argmax(dim=0)]
+            out[i] = lab if vi is None else lab.masked_fill(~vi, ignore_index)
     return out
 
 
 def _biased_scores(scores_p: Tensor, bg_pos: int | None, params: EStepParams, region: Tensor | None,
-                   present: Tensor | None = None) -> Tensor:
+                   present: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
     """f^ = f + b (Alg. 1) of one image on P candidate channels: (P, H, W) float32, -inf where a
     class is not allowed (outside its box region; absent when ``params.absent_suppressed``).
 
     ``present`` (P,) bool (default all True) marks the channels with z_l = 1: absent channels get
-    bias 0 (Eq. 10) and EM-Adapt target 0."""
+    bias 0 (Eq. 10) and EM-Adapt target 0. ``valid`` (H, W) bool (default all True): the pixels
+    EM-Adapt counts and biases on (the caller labels the others ``ignore_index``)."""
     p, h, w = scores_p.shape
     f = scores_p.float()
     is_bg = torch.zeros(p, dtype=torch.bool, device=f.device)
@@ -275,7 +290,8 @@ def _biased_scores(scores_p: Tensor, bg_pos: int | None, params: EStepParams, re
             bias[bg_pos] = params.b_bg
         bias = bias.masked_fill(~pres, 0.0)
     else:
-        bias = adaptive_biases(f.reshape(p, -1), is_bg, params.rho_fg, params.rho_bg,
+        flat = f.reshape(p, -1) if valid is None else f.reshape(p, -1)[:, valid.reshape(-1).to(f.device)]
+        bias = adaptive_biases(flat, is_bg, params.rho_fg, params.rho_bg,
                                params.fg_share, params.num_iter, is_present=pres)
     fhat = f + bias[:, None, None]
     if params.absent_suppressed and not bool(pres.all()):

@@ -347,9 +347,10 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     Returns:
         dict of numpy arrays, N = rows: ``image`` (N, crop, crop, 3) uint8; ``mask``, ``pseudo``
         (and ``box_mask`` when ``uses_boxes``) (N, crop, crop) uint8 or int32 with
-        ``ignore_index`` void/padding (``mask`` is all void for weak rows); ``labels`` (N, K)
-        uint8 multi-hot image-level labels (background column set when the space has one at id 0);
-        ``is_strong`` (N,) bool; ``image_id`` (N,) str.
+        ``ignore_index`` void/padding (``mask`` is all void for weak rows); ``valid`` (N, crop,
+        crop) bool, False on the crop's padding (the pixels that are not the image's: no E-step
+        label, no loss); ``labels`` (N, K) uint8 multi-hot image-level labels (background column
+        set when the space has one at id 0); ``is_strong`` (N,) bool; ``image_id`` (N,) str.
     """
     if rng is None:
         ids_crc = zlib.crc32("".join(batch["image_id"].to_pylist()).encode())
@@ -361,6 +362,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     out_mask = np.empty((n, crop, crop), ldt)
     out_pseudo = np.empty((n, crop, crop), ldt)
     out_box = np.empty((n, crop, crop), ldt) if uses_boxes else None
+    out_valid = np.empty((n, crop, crop), bool)
+    # the valid-pixel map travels as one more label map: ``inside`` on the image, ignore_index on padding
+    inside = 0 if ignore_index != 0 else 1
     multi_hot = np.zeros((n, num_classes), np.uint8)
     is_strong = np.zeros(n, bool)
     for i in range(n):
@@ -373,6 +377,7 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         maps.append(decode_mask(cols["pseudo"][i]) if cols["pseudo"][i] is not None else void)
         if uses_boxes:
             maps.append(render_boxes(cols["boxes"][i], h, w, ignore_index))
+        maps.append(np.full((h, w), inside, np.int64))
         for m in maps:
             if m.shape != (h, w):
                 raise ValueError(f"row {cols['image_id'][i]}: label map {m.shape} does not match image {(h, w)}")
@@ -383,8 +388,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         out_pseudo[i] = maps[1]
         if out_box is not None:
             out_box[i] = maps[2]
+        out_valid[i] = maps[-1] == inside
         multi_hot[i] = multi_hot_labels(cols["labels"][i], num_classes)
-    out = {"image": out_img, "mask": out_mask, "pseudo": out_pseudo, "labels": multi_hot,
+    out = {"image": out_img, "mask": out_mask, "pseudo": out_pseudo, "valid": out_valid, "labels": multi_hot,
            "is_strong": is_strong, "image_id": np.asarray(cols["image_id"], dtype=object)}
     if out_box is not None:
         out["box_mask"] = out_box
@@ -487,7 +493,8 @@ def collate(rows: dict[str, np.ndarray], mean: Any, std: Any, device: torch.devi
     """Numpy rows -> :class:`Batch` on ``device``, images normalised ``(x / 255 - mean) / std``.
 
     Args:
-        rows: arrays as returned by :func:`augment_batch`.
+        rows: arrays as returned by :func:`augment_batch` (without ``valid``: ``Batch.valid`` is None,
+            every pixel valid).
         mean, std: per-channel RGB statistics of the backbone, values in [0, 1].
     """
     dev = torch.device(device)
@@ -496,6 +503,7 @@ def collate(rows: dict[str, np.ndarray], mean: Any, std: Any, device: torch.devi
     s = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     images = (img.permute(0, 3, 1, 2).float() / 255.0 - m) / s
     box = rows.get("box_mask")
+    valid = rows.get("valid")
     return Batch(
         images=images.contiguous(),
         masks=torch.from_numpy(rows["mask"].astype(np.int64)).to(dev),
@@ -504,6 +512,7 @@ def collate(rows: dict[str, np.ndarray], mean: Any, std: Any, device: torch.devi
         is_strong=torch.from_numpy(rows["is_strong"].astype(bool)).to(dev),
         box_masks=None if box is None else torch.from_numpy(box.astype(np.int64)).to(dev),
         image_ids=[str(i) for i in rows["image_id"]],
+        valid=None if valid is None else torch.from_numpy(np.asarray(valid, bool)).to(dev),
     )
 
 

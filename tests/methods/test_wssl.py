@@ -206,6 +206,23 @@ def test_compute_losses_pools_strong_and_weak_pixels_eq1():
     assert m.head.fc8.weight.grad is not None and float(m.head.fc8.weight.grad.abs().sum()) > 0
 
 
+def test_padding_gets_no_estep_label_and_no_loss():
+    """Padded crop pixels (``batch.valid`` False) are not image pixels: the online E-step leaves
+    them ``ignore_index`` and they add nothing to the M-step loss (Eq. 1 sums over image pixels).
+
+    :func:`_three_row_batch` with the E-step row's lower half (8 of 16 px) padding:
+    pooled = (4 (z - 1) + 8 (z + 1) + 8 (z - 1)) / 20, z = ln(19 + e + 1/e)."""
+    z = math.log(19 + math.e + 1 / math.e)
+    batch = _three_row_batch()
+    batch.valid = torch.ones(3, 4, 4, dtype=torch.bool)
+    batch.valid[1, 2:] = False
+    m = _constant_logit_wssl(estep="fixed")
+    est = m.e_step(torch.zeros(3, 21, 4, 4), batch, torch.tensor([False, True, False]))
+    assert (est[1, :2] == 7).all() and (est[1, 2:] == IG).all()          # bg 0 + 3 < class 7 0 + 5
+    assert sum(m.compute_losses(batch).values()).item() == pytest.approx((4 * (z - 1) + 8 * (z + 1) + 8 * (z - 1)) / 20,
+                                                                         rel=1e-5)
+
+
 def test_params_validation():
     with pytest.raises(ValueError, match="rho_fg"):
         WsslParams(estep="adapt", rho_fg=0.7, rho_bg=0.5)

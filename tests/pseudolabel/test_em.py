@@ -113,6 +113,26 @@ def test_em_adapt_reaches_rho_targets(fg_share: str) -> None:
         assert frac[absent].sum() == 0
 
 
+def test_padding_is_not_labelled_and_not_counted_by_em_adapt() -> None:
+    """E-step on a padded crop: only the image's own pixels are labelled (padding -> ignore) and
+    EM-Adapt's "rho_l of the image area" (Sec. 3.2) counts image pixels only.
+
+    1 x 10 crop, pixels 5..9 padding. bg = 0; class 1 = -(j + 1) on the image and +10 on the
+    padding. Counting the padding (S = 10) class 1 already wins 5 >= ceil(0.2 * 10) pixels and gets
+    no bias. Over the S = 5 image pixels it needs ceil(0.2 * 5) = 1: b_1 = 1 + eps, pixel 0; the
+    background keeps 4 >= ceil(0.4 * 5) = 2."""
+    j = torch.arange(10, dtype=torch.float32)
+    fg = torch.where(j < 5, -(j + 1), torch.full_like(j, 10.0))
+    scores = torch.stack([torch.zeros(10), fg]).reshape(1, 2, 1, 10)
+    valid = (j < 5).reshape(1, 1, 10)
+    out = em_adapt(scores, torch.tensor([[True, True]]), rho_fg=0.2, rho_bg=0.4, valid=valid)
+    assert out.flatten().tolist() == [1, 0, 0, 0, 0] + [255] * 5
+    fixed = em_fixed(scores, torch.tensor([[True, True]]), valid=valid, ignore_index=99)
+    assert fixed.flatten().tolist()[5:] == [99] * 5
+    with pytest.raises(ValueError, match="valid"):
+        em_fixed(scores, torch.tensor([[True, True]]), valid=valid[0])
+
+
 def test_present_layout_matches_full_layout_and_large_space() -> None:
     g = torch.Generator().manual_seed(1)
     k = 21

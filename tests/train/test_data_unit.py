@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from raysemiseg.labels import builtin
 from raysemiseg.methods.base import Batch, Method, OptimizerGroup
+from raysemiseg.data.schema import encode_image, encode_mask
 from raysemiseg.train.data import (
-    BatchSampler, augment_example, collate, render_boxes, steps_per_epoch, strong_rows_per_batch,
+    PAD_RGB, BatchSampler, augment_batch, augment_example, collate, render_boxes, steps_per_epoch,
+    strong_rows_per_batch,
 )
 from raysemiseg.train.loop import (
     allreduce_grads, build_optimizers, group_losses, poly_factor, set_lr, train_step,
@@ -37,6 +39,37 @@ def test_augment_pads_with_ignore_and_moves_labels_with_image() -> None:
     assert (out_mask == 255).sum() == 8 * 8 - 4 * 6
     assert (out_mask == 7).sum() == 12 and (out_img[out_mask == 7] == 200).all()
     assert (out_img[out_mask == 0] == 0).all()
+
+
+def _store_rows(rows: list[dict[str, Any]]) -> "Any":
+    """A pyarrow table of image-store rows (+ role, pseudo) as ``augment_batch`` receives them."""
+    import pyarrow as pa
+
+    cols = {k: [r.get(k) for r in rows] for k in ("image_id", "image", "mask", "labels", "boxes", "role", "pseudo")}
+    return pa.table(cols)
+
+
+def test_augment_batch_marks_padding_invalid() -> None:
+    """Padded crop pixels are not image pixels: ``valid`` is False there (they must get no E-step
+    label and no loss), True on every pixel that came from the image, also for weak rows."""
+    img = np.full((4, 6, 3), 200, np.uint8)
+    mask = np.zeros((4, 6), np.uint8)
+    rows = [{"image_id": "s", "image": encode_image(img, fmt="png"), "mask": encode_mask(mask), "labels": [],
+             "role": "strong"},
+            {"image_id": "w", "image": encode_image(img, fmt="png"), "mask": encode_mask(mask), "labels": [7],
+             "role": "weak"}]
+    out = augment_batch(_store_rows(rows), crop=8, scale_range=(1.0, 1.0), flip=True, ignore_index=255,
+                        num_classes=21, uses_boxes=False, seed=0, rng=np.random.default_rng(0))
+    valid = out["valid"]
+    assert valid.shape == (2, 8, 8) and valid.dtype == bool
+    assert valid.sum(axis=(1, 2)).tolist() == [24, 24]                     # 4 x 6 image pixels of 64
+    for i in range(2):
+        assert (out["image"][i][valid[i]] == 200).all()
+        assert (out["image"][i][~valid[i]] == np.asarray(PAD_RGB, np.uint8)).all()
+    assert (out["mask"][0][valid[0]] == 0).all() and (out["mask"][0][~valid[0]] == 255).all()
+    b = collate(out, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
+    assert b.valid is not None and b.valid.dtype == torch.bool and int(b.valid.sum()) == 48
+    assert b.select(torch.tensor([False, True])).valid.shape == (1, 8, 8)
 
 
 def test_flip_is_applied_to_image_and_labels_alike() -> None:
@@ -102,6 +135,8 @@ def test_collate_normalises_with_backbone_stats() -> None:
     b = collate(rows, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
     assert torch.allclose(b.images[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
     assert b.masks.dtype == torch.int64 and b.pseudo[0, 0, 0] == 255 and b.image_ids == ["x"]
+    # rows without a "valid" array: every pixel is valid
+    assert b.valid is None and b.valid_mask().tolist() == [[[True, True], [True, True]]]
 
 
 def test_poly_schedule() -> None:

@@ -133,11 +133,12 @@ class WsslEM(StrongOnly):
 
         Args:
             logits: (N, K, H, W) scores at label resolution (detached here).
-            batch: the mini-batch (image labels, box masks).
+            batch: the mini-batch (image labels, box masks, valid pixels).
             rows: (N,) bool rows to label.
 
         Returns:
-            (N, H, W) int64 labels; ``ignore_index`` outside ``rows``.
+            (N, H, W) int64 labels; ``ignore_index`` outside ``rows`` and on crop padding
+            (``batch.valid`` False), which EM-Adapt's pixel fractions do not count either.
         """
         from raysemiseg.pseudolabel.em import e_step
 
@@ -151,7 +152,8 @@ class WsslEM(StrongOnly):
                                  self.label_space.background_id)
         out[rows] = e_step(logits[rows].detach(), batch.image_labels[rows] > 0.5, self._estep,
                            background_index=self.label_space.background_id, region=region,
-                           ignore_index=self.ignore_index)
+                           ignore_index=self.ignore_index,
+                           valid=None if batch.valid is None else batch.valid[rows])
         return out
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
@@ -169,7 +171,8 @@ class WsslEM(StrongOnly):
             needs_estep = needs_estep & ~has_labels(batch.pseudo, self.ignore_index)
         est = self.e_step(logits, batch, needs_estep)
         targets, _ = select_targets(batch.masks, batch.pseudo, strong, est, self.ignore_index,
-                                         self.params.use_label_store)
+                                    self.params.use_label_store)
+        targets = targets.masked_fill(~batch.valid_mask(), self.ignore_index)   # crop padding: no loss
         weak_t = targets.clone()
         weak_t[strong] = self.ignore_index
         strong_t = targets.clone()
