@@ -26,6 +26,6 @@ bench: $(STAMP)
 clean:
 	rm -rf runs mlruns .pytest_cache
 
-# rebuild the bundled sample (raysemiseg/sample_data) from ../shared/data (maintainers only)
+# rebuild the bundled samples (raysemiseg/sample_data: coco-mini, coco-tiny, voc2012-sample) from ../shared/data (maintainers only)
 sample: $(STAMP)
 	$(VENV)/bin/raysemiseg data make-sample --shared ../shared/data --out raysemiseg/sample_data

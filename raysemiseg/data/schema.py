@@ -41,6 +41,11 @@ IMAGE_STORE_SCHEMA = pa.schema(
         ("boxes", pa.list_(BOX_TYPE)),      # may be empty
         ("height", pa.int32()),
         ("width", pa.int32()),
+        # nullable JSON: where the row's annotations come from when the source does not say it
+        # itself, e.g. {"boxes": "voc-xml"} or {"boxes": "derived-from-mask:cc8,..."} (VOC reader,
+        # see raysemiseg/data/voc.py); null = as given by the source. Stores written before this
+        # column existed read it as null.
+        ("provenance", pa.string()),
     ],
     metadata={b"raysemiseg.schema": b"image_store", b"raysemiseg.version": str(STORE_SCHEMA_VERSION).encode()},
 )

@@ -136,6 +136,7 @@ def build_row(record: dict[str, Any], space: LabelSpace) -> dict[str, Any]:
     Never raises for bad data: the problem goes to ``q_reason`` (empty when the row is good).
     """
     row: dict[str, Any] = {k: record[k] for k in ("image_id", "source", "split", "supervision")}
+    row["provenance"] = record.get("provenance") or None
     row.update(seq=record["seq"], image=None, image_format=None, mask=None, labels=[], boxes=[],
                height=None, width=None, sha256=None, q_path=record.get("image_path", ""), q_stage="",
                q_reason="")
@@ -257,7 +258,7 @@ def build_store(sources: Sequence[Source], label_space: LabelSpace | str, out: s
         r["q_reason"] = "" if first == i else (
             f"duplicate: image_id {r['image_id']} listed again (by {r['source']}); the first "
             f"occurrence (from {records[first]['source']}) is kept")
-        for k in ("mask_path", "payload"):
+        for k in ("mask_path", "payload", "provenance"):
             r.setdefault(k, "")
     _prepare_out(out)
     ctx = DataContext.get_current()
