@@ -39,6 +39,9 @@ class Batch:
         is_strong: (N,) bool, True where the row's pixel labels are used as strong supervision.
         box_masks: optional (N, H, W) int64 Bbox-Rect rendering of the row's boxes (class id inside
             boxes, background outside), ``ignore_index`` for rows without boxes.
+        box_bits: optional (N, ceil(K/8), H, W) uint8 per-class box regions: bit ``c % 8`` of
+            byte ``c // 8`` is set inside every box of class ``c`` (overlapping boxes keep all
+            their classes; :func:`raysemiseg.train.data.render_box_bits`), zero elsewhere.
         image_ids: the rows' ids (for logging and overlays).
         valid: optional (N, H, W) bool, True on the image's own pixels and False on padding added
             by the crop (:func:`raysemiseg.train.data.augment_example`); ``None`` = every pixel
@@ -53,6 +56,7 @@ class Batch:
     box_masks: Tensor | None = None
     image_ids: list[str] = field(default_factory=list)
     valid: Tensor | None = None
+    box_bits: Tensor | None = None
 
     def valid_mask(self) -> Tensor:
         """(N, H, W) bool valid-pixel mask: ``valid``, or all True (shape of ``masks``) when absent."""

@@ -147,7 +147,8 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
 
     Args:
         cfg: :class:`raysemiseg.config.TrainConfig`.
-        uses_boxes: render Bbox-Rect box masks (``Batch.box_masks``) for the method.
+        uses_boxes: render Bbox-Rect box masks (``Batch.box_masks``) and per-class box bits
+            (``Batch.box_bits``) for the method.
 
     Raises:
         ValueError: a pool needed by ``data.strong_fraction`` is empty, no validation rows with
@@ -260,9 +261,16 @@ def _label_dtype(num_classes: int, ignore_index: int) -> type[np.integer]:
     return np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.int32
 
 
+def _box_pixels(b: dict, height: int, width: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) pixel rectangle of a box dict (rounded, clipped to the image)."""
+    x0, y0 = max(int(round(b["x0"])), 0), max(int(round(b["y0"])), 0)
+    x1, y1 = min(int(round(b["x1"])), width), min(int(round(b["y1"])), height)
+    return y0, y1, x0, x1
+
+
 def render_boxes(boxes: list[dict] | None, height: int, width: int, ignore_index: int,
                  background: int = 0) -> np.ndarray:
-    """Bbox-Rect rendering (Papandreou et al. 2015 Sec. 3.2): class id inside each box, background
+    """Bbox-Rect rendering (Papandreou et al. 2015 Sec. 3.3): class id inside each box, background
     outside; overlapping boxes resolved smallest-on-top. Rows without boxes are all ``ignore_index``.
 
     Args:
@@ -275,9 +283,36 @@ def render_boxes(boxes: list[dict] | None, height: int, width: int, ignore_index
         return np.full((height, width), ignore_index, np.int64)
     out = np.full((height, width), background, np.int64)
     for b in sorted(boxes, key=lambda b: -(b["x1"] - b["x0"]) * (b["y1"] - b["y0"])):
-        x0, y0 = max(int(round(b["x0"])), 0), max(int(round(b["y0"])), 0)
-        x1, y1 = min(int(round(b["x1"])), width), min(int(round(b["y1"])), height)
+        y0, y1, x0, x1 = _box_pixels(b, height, width)
         out[y0:y1, x0:x1] = b["class_id"]
+    return out
+
+
+def render_box_bits(boxes: list[dict] | None, height: int, width: int, num_classes: int) -> np.ndarray:
+    """Per-class box regions, bit-packed (Bbox-EM-Fixed, Papandreou et al. 2015 Sec. 3.3).
+
+    Unlike :func:`render_boxes`, overlapping boxes keep every class: a small box inside a larger one
+    leaves the larger box's class set under it.
+
+    Args:
+        boxes: dicts with class_id, x0, y0, x1, y1 (pixels, x1/y1 exclusive) or None/empty.
+        num_classes: K, the label-space size.
+
+    Returns:
+        (ceil(K/8), height, width) uint8: bit ``c % 8`` of byte ``c // 8`` set where the pixel is
+        inside a box of class ``c`` (numpy ``packbits(..., bitorder="little")`` layout; unpacked by
+        :func:`raysemiseg.methods.wssl.losses.unpack_box_bits`). All zero for rows without boxes.
+
+    Raises:
+        ValueError: a box's class_id is outside [0, K).
+    """
+    out = np.zeros(((num_classes + 7) // 8, height, width), np.uint8)
+    for b in boxes or []:
+        c = int(b["class_id"])
+        if not 0 <= c < num_classes:
+            raise ValueError(f"box class_id {c} outside the label space 0..{num_classes - 1}")
+        y0, y1, x0, x1 = _box_pixels(b, height, width)
+        out[c // 8, y0:y1, x0:x1] |= np.uint8(1 << (c % 8))
     return out
 
 
@@ -347,7 +382,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     Returns:
         dict of numpy arrays, N = rows: ``image`` (N, crop, crop, 3) uint8; ``mask``, ``pseudo``
         (and ``box_mask`` when ``uses_boxes``) (N, crop, crop) uint8 or int32 with
-        ``ignore_index`` void/padding (``mask`` is all void for weak rows); ``valid`` (N, crop,
+        ``ignore_index`` void/padding (``mask`` is all void for weak rows, ``box_mask`` for rows
+        without boxes); with ``uses_boxes`` also ``box_bits`` (N, ceil(K/8), crop, crop) uint8
+        per-class box regions (:func:`render_box_bits`, zero on padding); ``valid`` (N, crop,
         crop) bool, False on the crop's padding (the pixels that are not the image's: no E-step
         label, no loss); ``labels`` (N, K) uint8 multi-hot image-level labels (background column
         set when the space has one at id 0); ``is_strong`` (N,) bool; ``image_id`` (N,) str.
@@ -362,6 +399,7 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     out_mask = np.empty((n, crop, crop), ldt)
     out_pseudo = np.empty((n, crop, crop), ldt)
     out_box = np.empty((n, crop, crop), ldt) if uses_boxes else None
+    out_bits = np.zeros((n, (num_classes + 7) // 8, crop, crop), np.uint8) if uses_boxes else None
     out_valid = np.empty((n, crop, crop), bool)
     # the valid-pixel map travels as one more label map: ``inside`` on the image, ignore_index on padding
     inside = 0 if ignore_index != 0 else 1
@@ -375,8 +413,12 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         void = np.full((h, w), ignore_index, np.int64)
         maps = [decode_mask(cols["mask"][i]) if strong else void]
         maps.append(decode_mask(cols["pseudo"][i]) if cols["pseudo"][i] is not None else void)
+        n_bits = 0
         if uses_boxes:
             maps.append(render_boxes(cols["boxes"][i], h, w, ignore_index))
+            planes = render_box_bits(cols["boxes"][i], h, w, num_classes)
+            maps.extend(planes)                                # one uint8 label map per byte
+            n_bits = len(planes)
         maps.append(np.full((h, w), inside, np.int64))
         for m in maps:
             if m.shape != (h, w):
@@ -386,14 +428,18 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         out_img[i] = image
         out_mask[i] = maps[0]
         out_pseudo[i] = maps[1]
-        if out_box is not None:
-            out_box[i] = maps[2]
         out_valid[i] = maps[-1] == inside
+        if out_box is not None and out_bits is not None:
+            out_box[i] = maps[2]
+            if n_bits:
+                # padding was filled with ignore_index like every label map: no box there
+                out_bits[i] = np.stack(maps[3:3 + n_bits]).astype(np.uint8) * out_valid[i]
         multi_hot[i] = multi_hot_labels(cols["labels"][i], num_classes)
     out = {"image": out_img, "mask": out_mask, "pseudo": out_pseudo, "valid": out_valid, "labels": multi_hot,
            "is_strong": is_strong, "image_id": np.asarray(cols["image_id"], dtype=object)}
     if out_box is not None:
         out["box_mask"] = out_box
+        out["box_bits"] = out_bits
     return out
 
 
@@ -503,6 +549,7 @@ def collate(rows: dict[str, np.ndarray], mean: Any, std: Any, device: torch.devi
     s = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     images = (img.permute(0, 3, 1, 2).float() / 255.0 - m) / s
     box = rows.get("box_mask")
+    bits = rows.get("box_bits")
     valid = rows.get("valid")
     return Batch(
         images=images.contiguous(),
@@ -513,6 +560,7 @@ def collate(rows: dict[str, np.ndarray], mean: Any, std: Any, device: torch.devi
         box_masks=None if box is None else torch.from_numpy(box.astype(np.int64)).to(dev),
         image_ids=[str(i) for i in rows["image_id"]],
         valid=None if valid is None else torch.from_numpy(np.asarray(valid, bool)).to(dev),
+        box_bits=None if bits is None else torch.from_numpy(np.asarray(bits, np.uint8)).to(dev),
     )
 
 

@@ -19,6 +19,7 @@ from raysemiseg.methods.wssl.losses import (
     SOURCE_STRONG,
     box_regions,
     masked_cross_entropy,
+    unpack_box_bits,
     select_targets,
 )
 from raysemiseg.pseudolabel.em import EStepParams, e_step
@@ -122,23 +123,82 @@ def test_em_adapt_gives_rho_fg_to_each_present_class_through_method():
     assert tot.e_step(s, batch, torch.tensor([True]))[0].flatten().tolist() == [3, 0, 0, 0, 0, 0, 0, 0, 0, 9]
 
 
+def _bits(regions: dict[int, list[tuple[int, int, int, int]]], h: int, w: int, k: int = 21) -> torch.Tensor:
+    """(1, ceil(K/8), h, w) uint8 box bits: bit c % 8 of byte c // 8 where a box (y0, y1, x0, x1) of class c lies."""
+    out = torch.zeros(1, (k + 7) // 8, h, w, dtype=torch.uint8)
+    for c, boxes in regions.items():
+        for y0, y1, x0, x1 in boxes:
+            out[0, c // 8, y0:y1, x0:x1] |= 1 << (c % 8)
+    return out
+
+
 def test_bbox_em_fixed_biases_only_inside_boxes():
+    """Bbox-EM-Fixed (Papandreou et al. 2015 Sec. 3.3): the present foreground scores are boosted
+    only inside that class's boxes; outside every box the pixels are background. s_7 = -1 everywhere:
+    with b_fg = 5 > b_bg = 3 class 7 would win every pixel of an image-level E-step."""
     m = make_wssl(estep="fixed", use_boxes=True)
     h = w = 8
     s = torch.zeros(1, 21, h, w)
-    s[0, 7] = -1.0                          # with b_fg=5, b_bg=3 class 7 would win everywhere
+    s[0, 7] = -1.0
     batch = make_batch(0, 1, size=h)
     batch.box_masks = torch.zeros(1, h, w, dtype=torch.long)
     batch.box_masks[0, 2:5, 3:7] = 7
-    lab = m.e_step(s, batch, torch.tensor([True]))[0]
-    assert (lab[2:5, 3:7] == 7).all()
-    lab[2:5, 3:7] = 0
-    assert (lab == 0).all()
-    # a row without boxes falls back to the image-level E-step (class 7 everywhere)
+    for bits in (None, _bits({7: [(2, 5, 3, 7)]}, h, w)):      # Bbox-Rect rendering only / per-class bits
+        batch.box_bits = bits
+        lab = m.e_step(s, batch, torch.tensor([True]))[0]
+        assert (lab[2:5, 3:7] == 7).all()
+        lab[2:5, 3:7] = 0
+        assert (lab == 0).all()
+    # a row WITHOUT boxes (box mask all ignore_index) falls back to the image-level E-step
     batch.box_masks[:] = IG
+    batch.box_bits = torch.zeros_like(batch.box_bits)
     assert (m.e_step(s, batch, torch.tensor([True]))[0] == 7).all()
     region = box_regions(torch.tensor([[[0, 7], [IG, IG]]]), 21)
     assert region.shape == (1, 21, 2, 2) and region[0, 0].all() and region[0, 7].tolist() == [[False, True], [False, False]]
+
+
+def test_bbox_em_fixed_crop_without_box_pixel_is_background():
+    """A row that HAS boxes but whose random crop holds no box pixel (box mask all background) is
+    known background (Sec. 3.3: pixels outside every box are background), not an image-level row:
+    the E-step must not put class 7 (s_7 + b_fg = 4 > 0 + b_bg = 3) on it."""
+    m = make_wssl(estep="fixed", use_boxes=True)
+    s = torch.zeros(1, 21, 6, 6)
+    s[0, 7] = -1.0
+    batch = make_batch(0, 1, size=6)
+    batch.box_masks = torch.zeros(1, 6, 6, dtype=torch.long)        # boxed row, no box pixel in the crop
+    batch.box_masks[0, 5] = IG                                       # (+ a padded row: still a boxed row)
+    for bits in (None, _bits({}, 6, 6)):
+        batch.box_bits = bits
+        lab = m.e_step(s, batch, torch.tensor([True]))[0]
+        assert (lab == 0).all()
+    region = box_regions(torch.zeros(1, 2, 2, dtype=torch.long), 21)
+    assert region[0, 0].all() and not region[0, 1:].any()
+
+
+def test_bbox_em_fixed_nested_boxes_keep_the_larger_box_class():
+    """Per-class box regions: a person box (15) inside a horse box (13) must not forbid "horse"
+    inside the person box (the Bbox-Rect rendering paints the smaller box on top).
+    Scores: s_13 = -1 (+5 -> 4), s_15 = -1.5 (+5 -> 3.5) except s_15 = 0 (-> 5) at pixel (3, 3),
+    bg 0 (+3). Inside the horse box horse wins (4 > 3.5 > 3), also inside the person box, except
+    (3, 3) where person wins; outside: background."""
+    m = make_wssl(estep="fixed", use_boxes=True)
+    h = w = 8
+    s = torch.zeros(1, 21, h, w)
+    s[0, 13], s[0, 15] = -1.0, -1.5
+    s[0, 15, 3, 3] = 0.0
+    batch = make_batch(0, 1, size=h)
+    batch.image_labels[0, [13, 15]] = 1
+    batch.box_masks = torch.zeros(1, h, w, dtype=torch.long)
+    batch.box_masks[0, 1:7, 1:7] = 13
+    batch.box_masks[0, 2:5, 2:5] = 15                    # Bbox-Rect: the smaller box on top
+    batch.box_bits = _bits({13: [(1, 7, 1, 7)], 15: [(2, 5, 2, 5)]}, h, w)
+    lab = m.e_step(s, batch, torch.tensor([True]))[0]
+    expect = torch.zeros(h, w, dtype=torch.long)
+    expect[1:7, 1:7] = 13
+    expect[3, 3] = 15
+    assert lab.tolist() == expect.tolist()
+    regions = unpack_box_bits(batch.box_bits, 21)
+    assert regions.shape == (1, 21, h, w) and regions[0, 13, 2:5, 2:5].all() and int(regions[0, 15].sum()) == 9
 
 
 def test_select_targets_precedence():

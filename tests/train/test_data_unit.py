@@ -13,8 +13,8 @@ from raysemiseg.labels import builtin
 from raysemiseg.methods.base import Batch, Method, OptimizerGroup
 from raysemiseg.data.schema import encode_image, encode_mask
 from raysemiseg.train.data import (
-    PAD_RGB, BatchSampler, augment_batch, augment_example, collate, render_boxes, steps_per_epoch,
-    strong_rows_per_batch,
+    PAD_RGB, BatchSampler, augment_batch, augment_example, collate, render_box_bits, render_boxes,
+    steps_per_epoch, strong_rows_per_batch,
 )
 from raysemiseg.train.loop import (
     allreduce_grads, build_optimizers, group_losses, poly_factor, set_lr, train_step,
@@ -70,6 +70,36 @@ def test_augment_batch_marks_padding_invalid() -> None:
     b = collate(out, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
     assert b.valid is not None and b.valid.dtype == torch.bool and int(b.valid.sum()) == 48
     assert b.select(torch.tensor([False, True])).valid.shape == (1, 8, 8)
+
+
+def test_box_bits_keep_every_class_of_nested_boxes() -> None:
+    """Per-class box regions for Bbox-EM-Fixed: bit c % 8 of byte c // 8 is set inside every box of
+    class c, so a small box (class 9) inside a large one (class 2) leaves the large box's class set
+    under it (the Bbox-Rect rendering keeps only the smaller box's id there)."""
+    boxes = [{"class_id": 2, "x0": 0, "y0": 0, "x1": 4, "y1": 4}, {"class_id": 9, "x0": 1, "y0": 1, "x1": 3, "y1": 3}]
+    bits = render_box_bits(boxes, 5, 5, num_classes=21)
+    assert bits.shape == (3, 5, 5) and bits.dtype == np.uint8
+    assert bits[0, 2, 2] == 1 << 2 and bits[1, 2, 2] == 1 << 1        # class 2: byte 0 bit 2; class 9: byte 1 bit 1
+    assert bits[0, 0, 0] == 1 << 2 and bits[1, 0, 0] == 0 and (bits[:, 4, 4] == 0).all()
+    assert render_boxes(boxes, 5, 5, 255)[2, 2] == 9                   # Bbox-Rect: smaller box on top
+    assert (render_box_bits([], 2, 2, 21) == 0).all()
+    with pytest.raises(ValueError, match="class_id 21"):
+        render_box_bits([{"class_id": 21, "x0": 0, "y0": 0, "x1": 1, "y1": 1}], 2, 2, 21)
+
+
+def test_augment_batch_box_bits_follow_the_crop_and_padding_has_none() -> None:
+    img = np.full((4, 6, 3), 200, np.uint8)
+    rows = [{"image_id": "w", "image": encode_image(img, fmt="png"), "labels": [3],
+             "boxes": [{"class_id": 3, "x0": 0, "y0": 0, "x1": 6, "y1": 4}], "role": "weak"},
+            {"image_id": "n", "image": encode_image(img, fmt="png"), "labels": [3], "boxes": None, "role": "weak"}]
+    out = augment_batch(_store_rows(rows), crop=8, scale_range=(1.0, 1.0), flip=True, ignore_index=255,
+                        num_classes=21, uses_boxes=True, seed=0, rng=np.random.default_rng(0))
+    bits = out["box_bits"]
+    assert bits.shape == (2, 3, 8, 8) and bits.dtype == np.uint8
+    assert ((bits[0, 0] == 1 << 3) == out["valid"][0]).all()           # the whole image is inside the box; padding not
+    assert (bits[1] == 0).all() and (out["box_mask"][1] == 255).all()  # no boxes: no bits, box mask all void
+    b = collate(out, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
+    assert b.box_bits is not None and b.box_bits.dtype == torch.uint8 and b.box_bits.shape == (2, 3, 8, 8)
 
 
 def test_flip_is_applied_to_image_and_labels_alike() -> None:

@@ -8,8 +8,10 @@ time:
   crop, go through :func:`raysemiseg.pseudolabel.em.e_step` (the one E-step of the project) with
   the row's image-level labels: EM-Fixed (``b_fg``, ``b_bg``; absent classes unbiased, Eq. 10) or
   EM-Adapt (``rho_fg`` per present foreground class, ``rho_bg``; absent classes suppressed).
-  With ``use_boxes`` the foreground biases act only inside the row's boxes (Bbox-EM-Fixed,
-  Sec. 4.2; ``batch.box_masks``), rows without boxes fall back to the image-level E-step.
+  With ``use_boxes`` each foreground class is biased and allowed only inside its own boxes
+  (Bbox-EM-Fixed, Sec. 3.3; per-class regions from ``batch.box_bits``, else from the Bbox-Rect
+  ``batch.box_masks``); a crop of a boxed image without any box pixel is background, and only
+  rows without boxes fall back to the image-level E-step.
 * **M-step**: cross-entropy of the (non-detached) scores against those labels and of the strong
   rows against their pixel masks, pooled over all labelled pixels of the mixed batch (Eq. 1;
   semi-supervised, Sec. 3.4: the fixed strong/weak proportion per mini-batch is
@@ -148,8 +150,9 @@ class WsslEM(StrongOnly):
             return out
         region = None
         if self.params.use_boxes and batch.box_masks is not None:
+            bits = None if batch.box_bits is None else batch.box_bits[rows]
             region = box_regions(batch.box_masks[rows], self.num_classes, self.ignore_index,
-                                 self.label_space.background_id)
+                                 self.label_space.background_id, box_bits=bits)
         out[rows] = e_step(logits[rows].detach(), batch.image_labels[rows] > 0.5, self._estep,
                            background_index=self.label_space.background_id, region=region,
                            ignore_index=self.ignore_index,
