@@ -20,8 +20,10 @@ Every step is resumable: a training step whose ``step.json`` exists is skipped; 
 from its last Ray Train checkpoint (same run name); pseudo-label stores skip committed shards.
 
 Placeholders in string values of ``set``: ``{workdir}``, ``{store}``, ``{split_file}``,
-``{labels.NAME}`` (a pseudo-label store, shared or made by an earlier arm step), ``{prev}`` (the best
-checkpoint of the arm's previous training step), ``{step.NAME}`` (the checkpoint of the arm's step
+``{labels.NAME}`` (a pseudo-label store, shared or made by an earlier arm step), ``{prev}`` (the
+checkpoint of the arm's previous training step: its best by val mIoU, exact ties to the later one, or
+its latest for an auxiliary stage such as ``lnet``, ``pretrain_pnet``, ``attention``, ``classify``:
+:func:`raysemiseg.train.driver.checkpoint_rule`), ``{step.NAME}`` (the checkpoint of the arm's step
 NAME) and ``{arms.ARM.NAME}`` (step NAME of an earlier arm, e.g. to reuse its L-Net).
 """
 
@@ -302,7 +304,9 @@ def _train_config(ecfg: ExperimentConfig, step: StepDef, arm: str, env: dict[str
 
 
 def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> tuple[Path, float]:
-    """Train (resuming a killed run) unless ``step.json`` says the step finished; returns the best checkpoint."""
+    """Train (resuming a killed run) unless ``step.json`` says the step finished; returns the checkpoint
+    to hand on (:attr:`TrainResult.checkpoint`: the best by val mIoU, ties to the later one; the
+    latest for a method's auxiliary stages, whose val mIoU scores a frozen segmenter) and the time."""
     from raysemiseg.train.driver import train
     from raysemiseg.tune.tracking import Tracker
 
@@ -334,15 +338,16 @@ def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> t
         raise
     if tracker is not None:
         tracker.end("FINISHED")
-    if res.best_checkpoint is None:
+    if res.checkpoint is None:
         raise RuntimeError(f"training run {res.run_dir} produced no checkpoint")
     dt = time.perf_counter() - t
     step_dir.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({"checkpoint": str(res.best_checkpoint), "train_s": dt, "run_dir": str(res.run_dir),
+    done.write_text(json.dumps({"checkpoint": str(res.checkpoint), "checkpoint_rule": res.checkpoint_rule,
+                                "train_s": dt, "run_dir": str(res.run_dir),
                                 "config_digest": digest,
                                 "metrics": {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}}))
-    _say(f"  {cfg.run.name}: {dt:.0f} s, best checkpoint {res.best_checkpoint}")
-    return res.best_checkpoint, dt
+    _say(f"  {cfg.run.name}: {dt:.0f} s, {res.checkpoint_rule} checkpoint {res.checkpoint}")
+    return res.checkpoint, dt
 
 
 def _run_labels(ld: LabelsDef, env: dict[str, str], out: Path, num_cpus: int | None) -> Path:

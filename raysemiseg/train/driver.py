@@ -13,7 +13,9 @@ workers).
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,17 @@ class TrainResult:
 
     Attributes:
         run_dir: ``storage_path/name`` (Ray Train's run folder with the checkpoints).
-        best_checkpoint: directory of the checkpoint with the highest val mIoU kept.
+        best_checkpoint: directory of the kept checkpoint with the highest val mIoU (exact ties: the
+            later one).
         latest_checkpoint: directory of the last reported checkpoint.
         metrics: the last reported metrics (rank 0).
         history: the metrics of the checkpoints Ray Train kept (``num_to_keep``, best by val
             mIoU); the full per-epoch curves are in MLflow.
         mlflow_run_id / tracking_uri: where the run is tracked (None when tracking is off).
+        checkpoint: the checkpoint to hand on (an experiment's ``{prev}`` and final evaluation):
+            ``best_checkpoint``, or ``latest_checkpoint`` for an auxiliary stage
+            (:func:`checkpoint_rule`, :func:`select_checkpoint`).
+        checkpoint_rule: ``"best"`` or ``"latest"``, the rule that chose ``checkpoint``.
     """
 
     run_dir: Path
@@ -44,6 +51,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    checkpoint: Path | None = None
+    checkpoint_rule: str = "best"
 
 
 def local_path(path: str) -> Path | None:
@@ -130,6 +139,59 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
     return trainer, worker_config
 
 
+CHECKPOINT_RULES = ("best", "latest")
+
+
+def checkpoint_rule(cfg: TrainConfig) -> str:
+    """How the run's checkpoint to hand on is chosen: ``"latest"`` when ``cfg.method.stage`` is one
+    of the method's :attr:`~raysemiseg.methods.base.Method.AUX_STAGES` (L-Net, P-Net pre-training,
+    attention or classifier pre-training: the segmenter their val mIoU scores is frozen or
+    untrained), else ``"best"`` (highest val mIoU)."""
+    from raysemiseg.methods.base import get_method
+
+    return "latest" if cfg.method.stage in get_method(cfg.method.name).AUX_STAGES else "best"
+
+
+def select_checkpoint(candidates: Sequence[tuple[Any, Mapping[str, Any]]], rule: str = "best",
+                      latest: Any | None = None) -> Any | None:
+    """The checkpoint a run hands on (``{prev}``, final evaluation).
+
+    Args:
+        candidates: ``[(checkpoint, metrics)]`` as Ray's ``Result.best_checkpoints`` (any order);
+            ``metrics`` holds ``val_miou`` and ``global_step`` (the list position stands in for a
+            missing step).
+        rule: ``"best"``: the highest ``val_miou`` (NaN or missing = lowest), exact ties going to the
+            later checkpoint (higher ``global_step``); ``"latest"``: ``latest`` when given (Ray's
+            ``Result.checkpoint``), else the candidate with the highest ``global_step``.
+        latest: Ray's latest checkpoint, if known.
+
+    Returns:
+        The chosen checkpoint object, or None when there is none.
+
+    Raises:
+        ValueError: an unknown ``rule``.
+    """
+    if rule not in CHECKPOINT_RULES:
+        raise ValueError(f"checkpoint rule {rule!r}: valid are {list(CHECKPOINT_RULES)}")
+    if rule == "latest" and latest is not None:
+        return latest
+    if not candidates:
+        return None
+
+    def step(i: int, m: Mapping[str, Any]) -> float:
+        return float(m.get("global_step", i))
+
+    def score(m: Mapping[str, Any]) -> float:
+        v = m.get("val_miou")
+        return float("-inf") if v is None or math.isnan(float(v)) else float(v)
+
+    if rule == "latest":
+        key = lambda icm: (step(icm[0], icm[1][1]), icm[0])  # noqa: E731
+    else:
+        key = lambda icm: (score(icm[1][1]), step(icm[0], icm[1][1]), icm[0])  # noqa: E731
+    return max(enumerate(candidates), key=key)[1][0]
+
+
 def _train_fn(config: dict[str, Any]) -> None:
     from raysemiseg.train.loop import train_loop_per_worker
 
@@ -165,9 +227,9 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
         raise
     storage = local_path(cfg.run.storage_path)
     run_dir = (storage / cfg.run.name) if storage is not None else Path(cfg.run.storage_path) / cfg.run.name
-    best = None
-    if result.best_checkpoints:
-        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", float("-inf")))[0]
+    best = select_checkpoint(result.best_checkpoints or [])
+    rule = checkpoint_rule(cfg)
+    chosen = select_checkpoint(result.best_checkpoints or [], rule, result.checkpoint)
     latest = Path(result.checkpoint.path) if result.checkpoint is not None else None
     history = []
     if result.metrics_dataframe is not None and len(result.metrics_dataframe):
@@ -179,6 +241,7 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
         metrics = read_meta(best.path)["metrics"]
     out = TrainResult(run_dir=run_dir, best_checkpoint=Path(best.path) if best is not None else None,
                       latest_checkpoint=latest, metrics=metrics, history=history,
+                      checkpoint=Path(chosen.path) if chosen is not None else None, checkpoint_rule=rule,
                       mlflow_run_id=tracker.run_id if tracker is not None else None,
                       tracking_uri=tracker.tracking_uri if tracker is not None else None)
     if tracker is not None:
