@@ -90,17 +90,53 @@ def test_predict_uses_the_strong_branch_only():
     assert not torch.equal(m.predict(x), before)
 
 
-def test_loss_is_sum_of_two_equal_weight_ces():
-    """With zero classifiers every logit is 0: each CE is ln K, the total 2 ln K."""
-    m = make_dual(1)
+def _constant_dual(**kw):
+    """Dual-branch net whose logits are its classifiers' biases everywhere (weights 0): strong
+    branch 1 at class 3, weak branch 2 at class 5, 0 elsewhere. Per-pixel CE: strong branch
+    z_s - 1 at class 3 and z_s elsewhere (z_s = ln(20 + e)); weak branch z_w - 2 at class 5 and
+    z_w elsewhere (z_w = ln(20 + e^2))."""
+    m = make_dual(1, **kw)
     with torch.no_grad():
-        for b in (m.strong_branch, m.weak_branch):
+        for b, c, v in ((m.strong_branch, 3, 1.0), (m.weak_branch, 5, 2.0)):
             b.classifier.weight.zero_()
             b.classifier.bias.zero_()
-    losses = m.compute_losses(make_batch(2, 2))
+            b.classifier.bias[c] = v
+    return m
+
+
+def _loss_batch() -> Batch:
+    """Row 0 strong: mask 4 px class 3 + 12 px class 0, and a pseudo label (the generator's) of
+    8 px class 5 + 8 void. Row 1 weak: pseudo 8 px class 5 + 8 px class 0. Row 2 weak: 16 px class 0."""
+    masks = torch.full((3, 4, 4), IG, dtype=torch.long)
+    masks[0] = 0
+    masks[0, 0] = 3
+    pseudo = torch.full((3, 4, 4), IG, dtype=torch.long)
+    pseudo[0, :2] = 5
+    pseudo[1] = 0
+    pseudo[1, :2] = 5
+    pseudo[2] = 0
+    labels = torch.zeros(3, 21)
+    labels[:, 0] = 1
+    return Batch(images=torch.randn(3, 3, 4, 4), masks=masks, pseudo=pseudo, image_labels=labels,
+                 is_strong=torch.tensor([True, False, False]))
+
+
+def test_loss_is_two_separately_normalised_ces_eq3():
+    """Luo & Yang 2020 Eq. 2/3: L = L_ce(s^s, m^s) + L_ce(s^w, m^w), each CE averaged over its OWN
+    mask's labelled pixels (Eq. 2), the strong branch on the strong rows only, the weak branch on
+    the weak rows only; equal weights (weak_weight scales the second term).
+
+    Hand-checked on :func:`_loss_batch`: strong CE = (4 (z_s - 1) + 12 z_s) / 16 = z_s - 1/4;
+    weak CE = (8 (z_w - 2) + 24 z_w) / 32 = z_w - 1/2 (the strong row's pseudo label is not used).
+    A pooled mean would give (4 (z_s - 1) + 12 z_s + 8 (z_w - 2) + 24 z_w) / 48 instead."""
+    zs, zw = math.log(20 + math.e), math.log(20 + math.e ** 2)
+    losses = _constant_dual().compute_losses(_loss_batch())
     assert set(losses) == {"strong_ce", "weak_ce"}
-    assert losses["strong_ce"].item() == pytest.approx(math.log(21), rel=1e-6)
-    assert losses["weak_ce"].item() == pytest.approx(math.log(21), rel=1e-6)
+    assert losses["strong_ce"].item() == pytest.approx(zs - 0.25, rel=1e-6)
+    assert losses["weak_ce"].item() == pytest.approx(zw - 0.5, rel=1e-6)
+    half = _constant_dual(weak_weight=0.5).compute_losses(_loss_batch())
+    assert half["weak_ce"].item() == pytest.approx(0.5 * (zw - 0.5), rel=1e-6)
+    assert half["strong_ce"].item() == pytest.approx(zs - 0.25, rel=1e-6)
 
 
 def test_optimizer_groups_follow_the_paper():
