@@ -139,6 +139,31 @@ def test_loss_is_two_separately_normalised_ces_eq3():
     assert half["strong_ce"].item() == pytest.approx(zs - 0.25, rel=1e-6)
 
 
+def test_weak_branch_can_train_on_strong_rows_too():
+    """Luo & Yang Table 1's main setting: the weak branch trained on "strong + weak" images.
+    ``weak_branch_rows="all"``: strong rows also go through the weak branch, with their mask
+    (default ``weak_branch_strong_target="mask"``: Table 1 names the weak branch's data by
+    annotation kind) or with their pseudo label (``"pseudo"``, the proxy label the generator G
+    gives every image). The strong branch is unchanged (z_s - 1/4).
+
+    mask:   weak CE = (8 (z_w - 2) + 24 z_w + 16 z_w) / 48 = z_w - 1/3;
+    pseudo: weak CE = (16 (z_w - 2) + 24 z_w) / 40 = z_w - 0.8."""
+    zs, zw = math.log(20 + math.e), math.log(20 + math.e ** 2)
+    allp = _constant_dual(weak_branch_rows="all", weak_branch_strong_target="pseudo").compute_losses(_loss_batch())
+    assert allp["weak_ce"].item() == pytest.approx(zw - 0.8, rel=1e-6)
+    assert allp["strong_ce"].item() == pytest.approx(zs - 0.25, rel=1e-6)
+    allm = _constant_dual(weak_branch_rows="all").compute_losses(_loss_batch())
+    assert allm["weak_ce"].item() == pytest.approx(zw - 1 / 3, rel=1e-6)
+    # strong rows now send a gradient into the weak branch
+    m = make_dual(1, weak_branch_rows="all")
+    sum(m.compute_losses(make_batch(2, 0)).values()).backward()
+    assert float(m.weak_branch.classifier.weight.grad.abs().sum()) > 0
+    assert DualBranchParams().weak_branch_rows == "weak"
+    assert DualBranchParams(weak_branch_rows="all").pseudo_label_roles() == ("weak",)
+    pseudo = DualBranchParams(weak_branch_rows="all", weak_branch_strong_target="pseudo")
+    assert set(pseudo.pseudo_label_roles()) == {"weak", "strong"}
+
+
 def test_optimizer_groups_follow_the_paper():
     m = make_dual(2)
     (group,) = m.optimizer_groups(1e-4)

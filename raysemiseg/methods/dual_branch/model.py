@@ -11,7 +11,10 @@ the first ``neck_depth`` = n (0..3) are shared, the rest are duplicated per bran
 parameters, so both branches have identical structure. Strong rows go through the strong branch
 only, weak rows through the weak branch only (so neither kind of row sends a gradient into the
 other branch); loss = CE(strong branch, strong masks) + CE(weak branch, weak pseudo labels from
-``batch.pseudo``), equal weights. Inference uses the strong branch only. Batches of 2k rows with
+``batch.pseudo``), equal weights (Eq. 3, each CE normalised by its own mask, Eq. 2). With
+``weak_branch_rows: all`` strong rows also train the weak branch (Table 1's "strong + weak"
+weak-branch data), with their mask (default) or their pseudo label
+(``weak_branch_strong_target``). Inference uses the strong branch only. Batches of 2k rows with
 k strong + k weak (strong rows oversampled) are the run config's ``data.strong_fraction: 0.5``.
 
 Optimisation (paper): Adam, 1e-4 for neck and branches, 5e-6 for the backbone, expressed as
@@ -106,10 +109,27 @@ class DualBranchParams(NeckParams):
     Attributes:
         neck_depth: n, the number of shared neck layers (0..3).
         weak_weight: weight of the weak branch's CE (1 = the paper's equal weights).
+        weak_branch_rows: which rows train the weak branch: ``"weak"`` (weak rows only) or
+            ``"all"`` (strong rows too: Luo & Yang Table 1's main setups, weak branch on
+            "strong + weak" images). Strong rows always train the strong branch.
+        weak_branch_strong_target: the target a strong row gives the weak branch with
+            ``weak_branch_rows="all"``: ``"mask"`` (default: its pixel mask; Table 1 names the
+            weak branch's data by annotation kind, "1.4k strong + 9k weak", "10k strong", so strong
+            images bring their masks) or ``"pseudo"`` (its label-store pseudo label, the generator
+            G's proxy label, as for weak rows; the label store must then cover strong rows).
     """
 
     neck_depth: int = Field(2, ge=0, le=NECK_LAYERS)
     weak_weight: float = Field(1.0, ge=0.0)
+    weak_branch_rows: Literal["weak", "all"] = "weak"
+    weak_branch_strong_target: Literal["mask", "pseudo"] = "mask"
+
+    def pseudo_label_roles(self) -> tuple[str, ...]:
+        """Row roles whose training target is a label-store pseudo label (``batch.pseudo``): the
+        data plan refuses a run whose rows of these roles are not covered by ``data.label_store``."""
+        if self.weak_branch_rows == "all" and self.weak_branch_strong_target == "pseudo":
+            return ("weak", "strong")
+        return ("weak",)
 
 
 class _NeckMethod(Method):
@@ -175,15 +195,22 @@ class DualBranch(_NeckMethod):
         return upsample_to(self.weak_branch(self.features(images)), tuple(images.shape[-2:]))
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """``{"strong_ce", "weak_ce"}``: strong rows through the strong branch against their masks,
-        weak rows through the weak branch against ``batch.pseudo``."""
+        """``{"strong_ce", "weak_ce"}`` (Eq. 3): strong rows through the strong branch against their
+        masks; weak rows (and, with ``weak_branch_rows="all"``, strong rows with the target
+        ``weak_branch_strong_target``) through the weak branch against ``batch.pseudo``. Each CE is
+        normalised by its own labelled pixels (Eq. 2)."""
+        p = self.params
         strong = batch.is_strong.to(torch.bool)
         feats = self.features(batch.images)
         ig = self.ignore_index
+        weak_t = batch.pseudo
+        if p.weak_branch_rows == "all" and p.weak_branch_strong_target == "mask":
+            weak_t = torch.where(strong.view(-1, 1, 1), batch.masks, batch.pseudo)
+        weak_rows = ~strong if p.weak_branch_rows == "weak" else torch.ones_like(strong)
         return dual_branch_loss(
             self.strong_branch(feats[strong]), batch.masks[strong],
-            self.weak_branch(feats[~strong]), batch.pseudo[~strong],
-            ignore_index=ig, weak_weight=self.params.weak_weight,
+            self.weak_branch(feats[weak_rows]), weak_t[weak_rows],
+            ignore_index=ig, weak_weight=p.weak_weight,
         )
 
 
@@ -197,6 +224,10 @@ class SingleBranchParams(NeckParams):
 
     use_strong: bool = True
     use_weak: bool = True
+
+    def pseudo_label_roles(self) -> tuple[str, ...]:
+        """Row roles trained on label-store pseudo labels (see :meth:`DualBranchParams.pseudo_label_roles`)."""
+        return ("weak",) if self.use_weak else ()
 
 
 @register
