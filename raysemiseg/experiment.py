@@ -53,6 +53,9 @@ class StoreDef(StrictModel):
 
     path: str = Field(..., description="image store folder")
     build_from_sample: bool = Field(True, description="build it from the bundled real sample when missing")
+    sample: Literal["voc", "coco"] = Field(
+        "coco", description="which bundled sample: 'voc' (476 PASCAL VOC 2012 images, VOC reader, boxes "
+                            "derived from the masks) or 'coco' (318 MS-COCO images)")
     rebuild: bool = False
 
 
@@ -167,21 +170,39 @@ class ExperimentResult:
 
 
 # ------------------------------------------------------------------------------------------
-def ensure_store(path: str | Path, label_space: str, rebuild: bool = False) -> Path:
-    """Build the image store from the bundled real sample at ``path`` unless one is there.
+def ensure_store(path: str | Path, label_space: str, rebuild: bool = False,
+                 sample: Literal["voc", "coco"] = "coco") -> Path:
+    """Build the image store from a bundled real sample at ``path`` unless that store is there.
+
+    Args:
+        path: the store folder.
+        label_space: the target label space (built-in name or YAML path).
+        rebuild: rebuild even when the store exists.
+        sample: ``"voc"``: ``raysemiseg/sample_data/voc2012-sample`` through the VOC reader (476 rows,
+            splits train 326 / val 150, boxes derived from the masks); ``"coco"``: the COCO sample
+            (coco-mini + coco-tiny, 318 rows). A store at ``path`` built from other sources is rebuilt.
 
     Raises:
         FileNotFoundError: the bundled sample is missing from the installed package.
     """
-    from raysemiseg.data.sample import sample_sources
+    import json
+
+    from raysemiseg.data.sample import sample_sources, voc_sample_dir
     from raysemiseg.data.store import Source, build_store
 
     p = Path(path)
+    if sample == "voc":
+        sources = [Source("voc", (str(voc_sample_dir()),))]
+    else:
+        sources = [Source("coco", (str(a), str(i))) for a, i in sample_sources()]
     if (p / "store.json").is_file() and not rebuild:
-        _say(f"store: reusing {p}")
-        return p
-    res = build_store([Source("coco", (str(a), str(i))) for a, i in sample_sources()], label_space, p)
-    _say(f"store: built {p} ({res})")
+        built_from = [(s["kind"], list(s["paths"])) for s in json.loads((p / "store.json").read_text())["sources"]]
+        if built_from == [(s.kind, list(s.paths)) for s in sources]:
+            _say(f"store: reusing {p}")
+            return p
+        _say(f"store: {p} was built from {built_from}, not the {sample} sample: rebuilding")
+    res = build_store(sources, label_space, p)
+    _say(f"store: built {p} from the {sample} sample ({res})")
     return p
 
 
@@ -441,7 +462,7 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
     t = time.perf_counter()
     store = Path(ecfg.store.path).resolve()
     if ecfg.store.build_from_sample:
-        ensure_store(store, ecfg.label_space, ecfg.store.rebuild)
+        ensure_store(store, ecfg.label_space, ecfg.store.rebuild, ecfg.store.sample)
     from raysemiseg.data.store import open_store
 
     space = open_store(store).label_space
