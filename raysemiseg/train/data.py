@@ -387,7 +387,8 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         per-class box regions (:func:`render_box_bits`, zero on padding); ``valid`` (N, crop,
         crop) bool, False on the crop's padding (the pixels that are not the image's: no E-step
         label, no loss); ``labels`` (N, K) uint8 multi-hot image-level labels (background column
-        set when the space has one at id 0); ``is_strong`` (N,) bool; ``image_id`` (N,) str.
+        set when the space has one at id 0): for strong rows the classes of the CROPPED mask (a
+        class cropped out is not present), for weak rows the store's whole-image labels; ``is_strong`` (N,) bool; ``image_id`` (N,) str.
     """
     if rng is None:
         ids_crc = zlib.crc32("".join(batch["image_id"].to_pylist()).encode())
@@ -434,7 +435,12 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
             if n_bits:
                 # padding was filled with ignore_index like every label map: no box there
                 out_bits[i] = np.stack(maps[3:3 + n_bits]).astype(np.uint8) * out_valid[i]
-        multi_hot[i] = multi_hot_labels(cols["labels"][i], num_classes)
+        if strong:
+            # a strong row's labels are the classes of its cropped mask: a class cropped out is absent
+            present = np.unique(maps[0])
+            multi_hot[i] = multi_hot_labels(present[present != ignore_index].tolist(), num_classes)
+        else:
+            multi_hot[i] = multi_hot_labels(cols["labels"][i], num_classes)
     out = {"image": out_img, "mask": out_mask, "pseudo": out_pseudo, "valid": out_valid, "labels": multi_hot,
            "is_strong": is_strong, "image_id": np.asarray(cols["image_id"], dtype=object)}
     if out_box is not None:

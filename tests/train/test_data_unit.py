@@ -72,6 +72,30 @@ def test_augment_batch_marks_padding_invalid() -> None:
     assert b.select(torch.tensor([False, True])).valid.shape == (1, 8, 8)
 
 
+def test_strong_rows_image_labels_follow_the_cropped_mask() -> None:
+    """A strong row's image-level labels are the classes of its CROPPED mask (a class cropped out
+    is no longer present; DecoupledNet pairs each present label with its mask): 4 x 8 image, class
+    7 only in column 0, class 3 in columns 1..7, 4 x 4 crops. A weak row keeps the store's labels
+    (its pixels are unknown). Background is set for every row."""
+    img = np.full((4, 8, 3), 100, np.uint8)
+    mask = np.full((4, 8), 3, np.uint8)
+    mask[:, 0] = 7
+    mask[0, 1] = 255                                    # void is never a label
+    rows = [{"image_id": "s", "image": encode_image(img, fmt="png"), "mask": encode_mask(mask), "labels": [3, 7],
+             "role": "strong"},
+            {"image_id": "w", "image": encode_image(img, fmt="png"), "mask": encode_mask(mask), "labels": [3, 7],
+             "role": "weak"}]
+    seen = set()
+    for seed in range(12):
+        out = augment_batch(_store_rows(rows), crop=4, scale_range=(1.0, 1.0), flip=False, ignore_index=255,
+                            num_classes=21, uses_boxes=False, seed=0, rng=np.random.default_rng(seed))
+        has7 = bool((out["mask"][0] == 7).any())
+        seen.add(has7)
+        assert np.flatnonzero(out["labels"][0]).tolist() == ([0, 3, 7] if has7 else [0, 3])
+        assert np.flatnonzero(out["labels"][1]).tolist() == [0, 3, 7]
+    assert seen == {True, False}                        # both cases were drawn
+
+
 def test_box_bits_keep_every_class_of_nested_boxes() -> None:
     """Per-class box regions for Bbox-EM-Fixed: bit c % 8 of byte c // 8 is set inside every box of
     class c, so a small box (class 9) inside a large one (class 2) leaves the large box's class set
