@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -152,7 +153,8 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
 
     Raises:
         ValueError: a pool needed by ``data.strong_fraction`` is empty, no validation rows with
-            masks, or the store's label space differs from ``cfg.label_space``.
+            masks, the store's label space differs from ``cfg.label_space``, or the method trains
+            rows on pseudo labels that ``data.label_store`` lacks (:func:`check_pseudo_coverage`).
     """
     from raysemiseg.data.store import open_store
     from raysemiseg.labels import load_label_space
@@ -175,6 +177,8 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
     if not va_ids:
         raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
     pseudo = read_label_store(d.label_store, d.label_recipe) if d.label_store else {}
+    check_pseudo_coverage(cfg.method.name, cfg.method.build_params(), dict(zip(tr_ids, tr_roles)), pseudo,
+                          d.label_store)
 
     aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
                ignore_index=space.ignore_index, num_classes=space.num_classes,
@@ -204,6 +208,51 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
     pool_rows = {name: len(ids) for name, ids in pools.items()}
     return DataPlan(datasets=datasets, pool_rows=pool_rows, val_rows=len(va_ids), label_space=space,
                     split_names=[n for n in datasets if n != "val"])
+
+
+def check_pseudo_coverage(method: str, params: Any, role_of: dict[str, str], pseudo: dict[str, bytes],
+                          label_store: str | Path | None) -> None:
+    """Refuse a run whose method trains some rows on label-store pseudo labels that it lacks.
+
+    A method declares the row roles it trains on ``batch.pseudo`` through
+    ``params.pseudo_label_roles()`` (``dual_branch``, ``single_branch_mixed``); without a stored
+    label such rows are all ``ignore_index`` and their loss would silently be 0. Methods without the
+    hook (e.g. ``wssl``, whose weak rows without a stored label take the online E-step) pass.
+
+    Args:
+        method: the method name (for the message).
+        params: the method's validated params.
+        role_of: training ``image_id -> role`` (after ``data.max_train_rows``).
+        pseudo: ``image_id -> pseudo-label PNG`` of ``data.label_store`` (empty without one).
+        label_store: ``data.label_store``.
+
+    Raises:
+        ValueError: rows of a needed role exist but ``data.label_store`` is unset, or the store
+            covers none of them. A store that misses only some of them gives a warning naming their
+            count and a few ids (those rows add nothing to the loss).
+    """
+    hook = getattr(params, "pseudo_label_roles", None)
+    needed = tuple(hook()) if callable(hook) else ()
+    for role in needed:
+        rows = [i for i, r in role_of.items() if r == role]
+        if not rows:
+            continue
+        if not label_store:
+            raise ValueError(
+                f"method {method!r} trains its {role} rows on label-store pseudo labels, but data.label_store is "
+                f"not set ({len(rows)} {role} training rows would train on nothing); build one with "
+                "`raysemiseg pseudolabel` and set data.label_store")
+        missing = [i for i in rows if i not in pseudo]
+        if len(missing) == len(rows):
+            raise ValueError(
+                f"data.label_store {label_store} has no pseudo label for any of the {len(rows)} {role} training "
+                f"rows of method {method!r}, e.g. {missing[:3]}: wrong label store, or recipe run on other splits?")
+        if missing:
+            warnings.warn(
+                f"data.label_store {label_store} has no pseudo label for {len(missing)} of the {len(rows)} {role} "
+                f"training rows of method {method!r}, e.g. {missing[:3]} (quarantined, or outside the recipe's "
+                "splits or max_rows): those rows train on nothing; relabel them or give them role 'none' in the "
+                "split file", stacklevel=2)
 
 
 def _rows_dataset(store: Any, roles: dict[str, str], pseudo: dict[str, bytes], cache: bool,

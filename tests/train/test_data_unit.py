@@ -13,8 +13,8 @@ from raysemiseg.labels import builtin
 from raysemiseg.methods.base import Batch, Method, OptimizerGroup
 from raysemiseg.data.schema import encode_image, encode_mask
 from raysemiseg.train.data import (
-    PAD_RGB, BatchSampler, augment_batch, augment_example, collate, render_box_bits, render_boxes,
-    steps_per_epoch, strong_rows_per_batch,
+    PAD_RGB, BatchSampler, augment_batch, augment_example, check_pseudo_coverage, collate, render_box_bits,
+    render_boxes, steps_per_epoch, strong_rows_per_batch,
 )
 from raysemiseg.train.loop import (
     allreduce_grads, build_optimizers, group_losses, poly_factor, set_lr, train_step,
@@ -94,6 +94,31 @@ def test_strong_rows_image_labels_follow_the_cropped_mask() -> None:
         assert np.flatnonzero(out["labels"][0]).tolist() == ([0, 3, 7] if has7 else [0, 3])
         assert np.flatnonzero(out["labels"][1]).tolist() == [0, 3, 7]
     assert seen == {True, False}                        # both cases were drawn
+
+
+def test_runs_that_train_on_pseudo_labels_need_a_label_store_covering_their_rows() -> None:
+    """dual_branch / single_branch_mixed train weak rows (and, with weak_branch_strong_target
+    "pseudo", strong rows) on label-store pseudo labels only: without a label store (or one that
+    covers none of them) their loss would silently be 0 (review D16): refused; partly covered:
+    a warning. WSSL is not refused: its weak
+    rows without a stored label take the online E-step (documented precedence)."""
+    from raysemiseg.methods.dual_branch import DualBranchParams, SingleBranchParams
+    from raysemiseg.methods.wssl import WsslParams
+
+    roles = {"s0": "strong", "w0": "weak", "w1": "weak"}
+    with pytest.raises(ValueError, match="dual_branch.*data.label_store is not set"):
+        check_pseudo_coverage("dual_branch", DualBranchParams(), roles, {}, None)
+    with pytest.raises(ValueError, match=r"no pseudo label for any of the 2 weak"):
+        check_pseudo_coverage("single_branch_mixed", SingleBranchParams(), roles, {"s0": b""}, "LS")
+    with pytest.warns(UserWarning, match=r"no pseudo label for 1 of the 2 weak.*'w1'"):
+        check_pseudo_coverage("single_branch_mixed", SingleBranchParams(), roles, {"w0": b""}, "LS")
+    check_pseudo_coverage("dual_branch", DualBranchParams(), roles, {"w0": b"", "w1": b""}, "LS")
+    pseudo_strong = DualBranchParams(weak_branch_rows="all", weak_branch_strong_target="pseudo")
+    with pytest.raises(ValueError, match=r"strong.*'s0'"):
+        check_pseudo_coverage("dual_branch", pseudo_strong, roles, {"w0": b"", "w1": b""}, "LS")
+    check_pseudo_coverage("single_branch_mixed", SingleBranchParams(use_weak=False), roles, {}, None)
+    check_pseudo_coverage("wssl", WsslParams(), roles, {}, None)
+    check_pseudo_coverage("dual_branch", DualBranchParams(), {"s0": "strong"}, {}, None)   # no weak rows
 
 
 def test_box_bits_keep_every_class_of_nested_boxes() -> None:
