@@ -108,21 +108,16 @@ def _load(path: Path, size: int, resample: int) -> np.ndarray:
     return np.asarray(im.crop((x0, y0, x0 + size, y0 + size)))
 
 
-def _boxes_render(mask: np.ndarray) -> np.ndarray:
-    """Bbox-Rect of boxes around each 8-connected component of each class (the weak labels)."""
-    from scipy import ndimage
+def _boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The row's boxes as the VOC reader derives them from the mask (no XML in the sample), as
+    (Bbox-Rect rendering (H, W) int64, per-class box bits (ceil(K/8), H, W) uint8)."""
+    from raysemiseg.data.voc import boxes_from_mask
+    from raysemiseg.train.data import render_box_bits, render_boxes
 
-    out = np.zeros_like(mask)
-    comps = []
-    for c in np.unique(mask):
-        if c in (IGN, SPACE.background_id):
-            continue
-        lab, _ = ndimage.label(mask == c, structure=np.ones((3, 3)))
-        for sl in ndimage.find_objects(lab):
-            comps.append(((sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start), c, sl))
-    for _, c, sl in sorted(comps, key=lambda t: -t[0]):   # largest first: the smallest box ends on top
-        out[sl] = c
-    return out
+    boxes = boxes_from_mask(mask, SPACE)
+    h, w = mask.shape
+    return (render_boxes(boxes, h, w, IGN, SPACE.background_id).astype(np.int64),
+            render_box_bits(boxes, h, w, SPACE.num_classes))
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +136,9 @@ def voc8() -> dict[str, Any]:
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     x = (torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    rect, bits = zip(*(_boxes(m) for m in masks))
     return {"ids": ids, "images": x, "masks": torch.from_numpy(masks), "labels": labels,
-            "boxes": torch.from_numpy(np.stack([_boxes_render(m) for m in masks]).astype(np.int64))}
+            "boxes": torch.from_numpy(np.stack(rect)), "box_bits": torch.from_numpy(np.stack(bits))}
 
 
 def _batch(voc8: dict[str, Any], spec: Spec) -> Batch:
@@ -151,7 +147,8 @@ def _batch(voc8: dict[str, Any], spec: Spec) -> Batch:
         weak_b = _batch(voc8, Spec(spec.stages, weak=tuple(range(N_IMAGES)), weak_label=spec.weak_label))
         return Batch(**{f: (torch.cat([getattr(strong_b, f), getattr(weak_b, f)]) if f != "image_ids"
                             else strong_b.image_ids + weak_b.image_ids)
-                        for f in ("images", "masks", "pseudo", "image_labels", "is_strong", "box_masks", "image_ids")})
+                        for f in ("images", "masks", "pseudo", "image_labels", "is_strong", "box_masks", "box_bits",
+                                  "image_ids")})
     n = N_IMAGES
     strong = torch.tensor([i not in spec.weak for i in range(n)])
     truth = voc8["masks"]
@@ -160,7 +157,7 @@ def _batch(voc8: dict[str, Any], spec: Spec) -> Batch:
     weak_target = voc8["boxes"] if spec.weak_label == "pseudo" else void
     pseudo = torch.where(strong.view(-1, 1, 1), void, weak_target)
     return Batch(images=voc8["images"], masks=masks, pseudo=pseudo, image_labels=voc8["labels"],
-                 is_strong=strong, box_masks=voc8["boxes"], image_ids=list(voc8["ids"]))
+                 is_strong=strong, box_masks=voc8["boxes"], box_bits=voc8["box_bits"], image_ids=list(voc8["ids"]))
 
 
 def _predict(method: Any, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
