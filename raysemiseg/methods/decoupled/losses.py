@@ -82,29 +82,48 @@ def identified_labels(scores: Tensor, fg_ids: Tensor, num_classes: int, threshol
 
 
 def combine_binary_maps(pair_logits: Tensor, pair_img: Tensor, pair_cls: Tensor, num_images: int,
-                        num_classes: int, background_id: int) -> Tensor:
-    """Merge per-label figure-ground maps into class logits (DecoupledNet Sec. 4 inference).
+                        num_classes: int, background_id: int, background_logits: Tensor | None = None) -> Tensor:
+    """Merge per-label figure-ground maps into class logits (DecoupledNet Sec. 4.3 inference).
 
-    For pair p of image n and class l, ``log p_fg`` becomes the logit of class l; the background
-    logit is ``min_l log p_bg(l) = log(1 - max_l p_fg(l))``, so a pixel goes to background exactly
-    when no identified label's foreground probability exceeds 0.5 and otherwise to the label with
-    the largest foreground probability (the argmax over labels). Classes without a pair get
-    :data:`ABSENT_LOGIT`; an image without pairs is all background (logit 0 = log 1).
+    For pair p of image n and class l, ``log M_f(g^l) = log p_fg`` becomes the logit of class l;
+    classes without a pair get :data:`ABSENT_LOGIT`; an image without pairs is all background
+    (logit 0 = log 1). The background logit is
+
+    * with ``background_logits`` (DecoupledNet Sec. 4.3): the given per-image background map, the
+      paper's ``M_b(g*)`` with g* the bridge output for *all* identified labels, as (N, 2, H, W)
+      figure-ground logits of that union pair (channel 0 used), so the final label is
+      ``argmax({M_f(g^l)}_l ∪ {M_b(g*)})``;
+    * without (TransferNet; DecoupledNet's ``background: min`` option):
+      ``min_l log p_bg(l) = log(1 - max_l p_fg(l))``, so a pixel goes to background exactly when no
+      identified label's foreground probability exceeds 0.5.
 
     Args:
         pair_logits: (P, 2, H, W) float logits, channel 0 = background, 1 = foreground.
         pair_img: (P,) int64 row of each pair in ``0..num_images-1``.
         pair_cls: (P,) int64 class id of each pair (distinct per image).
+        background_logits: optional (num_images, 2, H, W) float figure-ground logits of each
+            image's union pair; rows of images without pairs are not read.
 
     Returns:
         (num_images, num_classes, H, W) float32 log-probability-like logits.
+
+    Raises:
+        ValueError: ``background_logits`` of the wrong shape.
     """
     p, _, h, w = pair_logits.shape
     logp = F.log_softmax(pair_logits.float(), dim=1)
     out = torch.full((num_images, num_classes, h, w), ABSENT_LOGIT, device=pair_logits.device)
     bg = torch.zeros(num_images, h, w, device=pair_logits.device)
     if p:
-        bg.scatter_reduce_(0, pair_img.view(p, 1, 1).expand(p, h, w), logp[:, 0], reduce="amin", include_self=True)
+        if background_logits is not None:
+            if tuple(background_logits.shape) != (num_images, 2, h, w):
+                raise ValueError(f"background_logits {tuple(background_logits.shape)} != {(num_images, 2, h, w)}")
+            has = torch.zeros(num_images, dtype=torch.bool, device=pair_logits.device)
+            has[pair_img] = True
+            union_bg = F.log_softmax(background_logits.float(), dim=1)[:, 0]
+            bg = torch.where(has[:, None, None], union_bg, bg)
+        else:
+            bg.scatter_reduce_(0, pair_img.view(p, 1, 1).expand(p, h, w), logp[:, 0], reduce="amin", include_self=True)
         out[pair_img, pair_cls] = logp[:, 1]
     out[:, background_id] = bg
     return out
