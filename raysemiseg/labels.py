@@ -194,9 +194,10 @@ class LabelSpace:
     def mapping_to(self, target: "LabelSpace", rename: Mapping[str, str] | None = None) -> np.ndarray:
         """Lookup table from this space's ids to ``target``'s ids.
 
-        Classes matched by name (after ``rename``, default COCO->VOC renames); classes without a
-        counterpart map to the target's background (or its ignore index when it has none). The
-        ignore index maps to the target's ignore index.
+        Classes matched by name (after ``rename``, default COCO->VOC renames, also applied in
+        reverse, so VOC's aeroplane finds COCO's airplane); classes without a counterpart map to
+        the target's background (or its ignore index when it has none; see
+        :meth:`mapping_losses`). The ignore index maps to the target's ignore index.
 
         Returns:
             (max(num_classes, ignore_index + 1),) int64 array ``lut`` so that
@@ -204,15 +205,44 @@ class LabelSpace:
         """
         rename = COCO_TO_VOC_RENAME if rename is None else rename
         fallback = target.background_id if target.background_id is not None else target.ignore_index
+        inverse = {v: k for k, v in rename.items()}
         lut = np.full(max(self.num_classes, self.ignore_index + 1), fallback, dtype=np.int64)
         for i, n in enumerate(self.names):
-            n2 = rename.get(n, n)
-            if n2 in target:
-                lut[i] = target.index(n2)
-            elif n in target:
-                lut[i] = target.index(n)
+            for cand in (rename.get(n, n), n, inverse.get(n, n)):
+                if cand in target:
+                    lut[i] = target.index(cand)
+                    break
         lut[self.ignore_index] = target.ignore_index
         return lut
+
+    def mapping_losses(self, target: "LabelSpace", rename: Mapping[str, str] | None = None
+                       ) -> dict[int, str]:
+        """The classes of this space that :meth:`mapping_to` ``target`` does not carry over.
+
+        A class is lost when it is not this space's background and lands on ``target``'s
+        background (``"background"``: merged into it), or when it lands on ``target``'s ignore
+        index (``"void"``: its labelled pixels become void; this includes this space's background
+        when ``target`` has none). This space's background -> ``target``'s background and the
+        ignore index -> ignore are not losses.
+
+        Args:
+            target: the space masks are mapped into.
+            rename: as in :meth:`mapping_to` (default the COCO -> VOC renames).
+
+        Returns:
+            ``{class id of this space: "background" | "void"}``, ascending ids; empty when the
+            mapping keeps every class.
+        """
+        lut = self.mapping_to(target, rename)
+        bg, tbg = self.background_id, target.background_id
+        out: dict[int, str] = {}
+        for i in range(self.num_classes):
+            j = int(lut[i])
+            if j == target.ignore_index:
+                out[i] = "void"
+            elif tbg is not None and j == tbg and i != bg:
+                out[i] = "background"
+        return out
 
     def to_dict(self) -> dict:
         """YAML-ready dict (the same fields :func:`load_label_space` reads)."""

@@ -52,3 +52,21 @@ def test_user_space_yaml(tmp_path) -> None:
         load_label_space(bad)
     with pytest.raises(FileNotFoundError):
         load_label_space(tmp_path / "nope.yaml")
+
+
+def test_mapping_losses() -> None:
+    from raysemiseg.labels import LabelSpace
+
+    voc, coco80, coco60 = builtin("voc21"), builtin("coco80"), builtin("coco60")
+    assert voc.mapping_losses(voc) == {} and voc.mapping_losses(coco80) == {}   # all 20 renamed/kept
+    # coco60 holds no VOC class: all 20 merge into its background, background stays background
+    assert voc.mapping_losses(coco60) == {i: "background" for i in range(1, 21)}
+    # COCO -> VOC: the 60 non-VOC categories are lost, the renamed six (airplane, couch, ...) are not
+    lost = coco80.mapping_losses(voc)
+    assert len(lost) == 60 and coco80.index("couch") not in lost and lost[coco80.index("giraffe")] == "background"
+    # a target without background: the source background (and any class missing) turns void
+    pal = np.zeros((2, 3), dtype=np.uint8)
+    nobg = LabelSpace("nobg", ("cat", "dog"), pal, background=None)
+    losses = voc.mapping_losses(nobg)
+    assert losses[0] == "void" and losses[voc.index("person")] == "void"
+    assert voc.index("cat") not in losses and voc.index("dog") not in losses and len(losses) == 19

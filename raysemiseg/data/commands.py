@@ -19,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a VOC2012-style folder (JPEGImages/, SegmentationClass[Aug]/, ImageSets/Segmentation/) (repeatable)")
     b.add_argument("--voc-lists", default=None,
                    help="comma-separated ImageSets/Segmentation list names to read (default: all but trainval)")
+    b.add_argument("--mask-space", default=None, metavar="SPACE",
+                   help="label space of the --voc masks' ids (voc21 | coco80 | coco60 | a YAML file); default: "
+                        "the folder's label_space.yaml, else --label-space")
+    b.add_argument("--allow-dropped-classes", action="store_true",
+                   help="build even when mapping the --voc masks into --label-space merges classes present in "
+                        "them into the background or voids their pixels (default: an error naming the classes)")
     b.add_argument("--folders", action="append", default=[], metavar="DIR_OR_CSV",
                    help="image-level labels: DIR/<class_name>/*.jpg, or a CSV with columns image,labels (repeatable)")
     b.add_argument("--sample", action="store_true", help="add the bundled COCO sample (raysemiseg/sample_data)")
@@ -29,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("summary", help="per-split, per-class, supervision and quarantine counts of a store")
     s.add_argument("store")
+    s.add_argument("--max-classes", type=int, default=None,
+                   help="list at most this many classes (default: every class of the label space)")
     s.set_defaults(func=_summary)
 
     from raysemiseg.data import export, splits
@@ -45,7 +53,11 @@ def _build(args: argparse.Namespace) -> int:
     if args.sample:
         sources += [Source("coco", (str(a), str(i))) for a, i in sample.sample_sources()]
     sources += [Source("coco", (a, i)) for a, i in args.coco]
-    opts = {"lists": args.voc_lists.split(",")} if args.voc_lists else {}
+    opts: dict = {"lists": args.voc_lists.split(",")} if args.voc_lists else {}
+    if args.mask_space:
+        opts["mask_space"] = args.mask_space
+    if args.allow_dropped_classes:
+        opts["allow_dropped_classes"] = True
     sources += [Source("voc", (d,), opts) for d in args.voc]
     sources += [Source("folders", (d,)) for d in args.folders]
     r = build_store(sources, args.label_space, args.out, rows_per_file=args.rows_per_file)
@@ -58,5 +70,5 @@ def _build(args: argparse.Namespace) -> int:
 def _summary(args: argparse.Namespace) -> int:
     from raysemiseg.data.store import format_summary, open_store
 
-    print(format_summary(open_store(args.store)))
+    print(format_summary(open_store(args.store), max_classes=args.max_classes))
     return 0

@@ -423,9 +423,16 @@ def summarize(store: ImageStore) -> dict[str, Any]:
         dict with ``counts`` (read/written/quarantined), ``splits`` {split: n},
         ``supervision`` {kind: n}, ``split_supervision`` {split: {kind: n}}, ``class_images``
         {class name: number of images whose image-level labels hold it} (every non-background
-        class of the space, zero included), ``quarantine`` {reason category: n}.
+        class of the space, zero included), ``class_masks`` {class name: number of masks holding
+        it} (every class of the space in id order, background and zeros included), ``masks``
+        (rows with a mask), ``void`` {``masks``: masks holding void pixels, ``fraction``: void
+        pixels / all mask pixels, 0..1}, ``boxes`` {``boxes``: total, ``rows``: rows with boxes,
+        ``derived_rows``: those whose provenance says the boxes were derived from the mask},
+        ``quarantine`` {reason category: n}.
     """
-    t = store.read_table(columns=["split", "supervision", "labels"])
+    from raysemiseg.data.schema import decode_mask
+
+    t = store.read_table(columns=["split", "supervision", "labels", "mask", "boxes", "provenance"])
     space = store.label_space
     splits: dict[str, int] = {}
     sup: dict[str, int] = {}
@@ -438,6 +445,24 @@ def summarize(store: ImageStore) -> dict[str, Any]:
     for labels in t.column("labels").to_pylist():
         if labels:
             counts[np.unique(np.asarray(labels, dtype=np.int64))] += 1
+    mcounts = np.zeros(space.num_classes, dtype=np.int64)
+    n_masks = void_masks = void_px = all_px = 0
+    for mb in t.column("mask").to_pylist():
+        if mb is None:
+            continue
+        m = decode_mask(mb)
+        u = np.unique(m)
+        mcounts[u[u < space.num_classes]] += 1
+        n_void = int((m == space.ignore_index).sum())
+        n_masks += 1
+        void_masks += n_void > 0
+        void_px += n_void
+        all_px += m.size
+    n_boxes = box_rows = derived_rows = 0
+    for bx, prov in zip(t.column("boxes").to_pylist(), t.column("provenance").to_pylist()):
+        n_boxes += len(bx or [])
+        box_rows += bool(bx)
+        derived_rows += bool(bx) and bool(prov) and "derived-from-mask" in json.loads(prov).get("boxes", "")
     q = store.read_quarantine()
     qc: dict[str, int] = {}
     for r in q.column("reason").to_pylist():
@@ -449,12 +474,21 @@ def summarize(store: ImageStore) -> dict[str, Any]:
         "supervision": dict(sorted(sup.items())),
         "split_supervision": {k: dict(sorted(v.items())) for k, v in sorted(split_sup.items())},
         "class_images": {space.names[i]: int(counts[i]) for i in space.foreground_ids},
+        "class_masks": {space.names[i]: int(mcounts[i]) for i in range(space.num_classes)},
+        "masks": n_masks,
+        "boxes": {"boxes": n_boxes, "rows": box_rows, "derived_rows": derived_rows},
+        "void": {"masks": void_masks, "fraction": void_px / all_px if all_px else 0.0},
         "quarantine": dict(sorted(qc.items())),
     }
 
 
-def format_summary(store: ImageStore, summary: dict[str, Any] | None = None, max_classes: int = 200) -> str:
-    """Human-readable summary text (per-split, per-class, supervision and quarantine counts)."""
+def format_summary(store: ImageStore, summary: dict[str, Any] | None = None, max_classes: int | None = None) -> str:
+    """Human-readable summary text (per-split, per-class, supervision and quarantine counts).
+
+    Every class of the label space is listed in id order (background and zero counts included;
+    ``max_classes`` cuts the list), with the images whose image-level labels hold it ("-" for the
+    background, never an image-level label) and the masks holding it; then the void pixels.
+    """
     s = summarize(store) if summary is None else summary
     c = s["counts"]
     sp = store.label_space
@@ -465,14 +499,27 @@ def format_summary(store: ImageStore, summary: dict[str, Any] | None = None, max
         ss = s["split_supervision"][split]
         lines.append(f"{split:<12} {n:>6}  " + "  ".join(f"{ss.get(k, 0):>6}" for k in ("pixel", "box", "image")))
     lines.append(f"{'total':<12} {c['written']:>6}  " + "  ".join(f"{s['supervision'].get(k, 0):>6}" for k in ("pixel", "box", "image")))
-    lines += ["", "images per class (image-level labels):"]
-    items = list(s["class_images"].items())
-    present = sum(1 for _, n in items if n > 0)
-    for name, n in items[:max_classes]:
-        lines.append(f"  {name:<20} {n:>6}")
-    if len(items) > max_classes:
-        lines.append(f"  ... {len(items) - max_classes} more classes")
-    lines.append(f"classes present: {present} of {len(items)}")
+    if "boxes" in s:
+        b = s["boxes"]
+        lines.append(f"boxes: {b['boxes']} in {b['rows']} rows ({b['derived_rows']} rows with boxes derived "
+                     f"from their masks)")
+    lines += ["", "images per class (labels: image-level labels; masks: masks holding the class):",
+              f"  {'class':<20} {'labels':>6}  {'masks':>6}"]
+    fg = s["class_images"]
+    masks = s.get("class_masks", {})
+    names = list(sp.names)
+    limit = len(names) if max_classes is None else max_classes
+    for i, name in enumerate(names[:limit]):
+        n = f"{fg[name]:>6}" if name in fg else f"{'-':>6}"
+        lines.append(f"  {name:<20} {n}  {masks.get(name, 0):>6}" + ("   (background)" if i == sp.background_id else ""))
+    if len(names) > limit:
+        lines.append(f"  ... {len(names) - limit} more classes (data summary --max-classes)")
+    present = sum(1 for n in fg.values() if n > 0)
+    lines.append(f"classes present: {present} of {len(fg)}" + (" (background not counted)" if sp.background_id is not None else ""))
+    if "void" in s:
+        v = s["void"]
+        lines.append(f"void (id {sp.ignore_index}): {100 * v['fraction']:.1f} % of mask pixels, "
+                     f"in {v['masks']} of {s['masks']} masks")
     lines += ["", "quarantined rows by reason:"]
     if not s["quarantine"]:
         lines.append("  (none)")

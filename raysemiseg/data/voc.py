@@ -10,13 +10,23 @@ Expected folder (a ``VOC2012``-style root)::
     ROOT/Annotations/<name>.xml           optional: object names and 1-based inclusive boxes
                                           (without it the image's boxes are derived from its mask)
     ROOT/label_space.yaml                 optional: the space of the mask ids (written by the
-                                          exporter); without it the masks are VOC-21 ids
+                                          exporter); without it (and without ``mask_space``) the
+                                          mask ids are read in the target label space
 
 Mask decoding: mode 'P' and 'L' PNGs are read by index (the palette colours are *not*
 used, as in the VOC devkit); 16-bit PNGs likewise; RGB masks are mapped colour -> id through the
 mask space's palette ((224, 224, 192) = void). Ids are validated against the mask space (an id
 like 37 in a 21-class mask quarantines the row), then mapped by name into the target space
-(``LabelSpace.mapping_to``; names not in the target become its background).
+(``LabelSpace.mapping_to``).
+
+The mask space is, first to last: the ``mask_space`` argument (``data build --mask-space``), the
+folder's ``label_space.yaml``, the target space itself (so a custom dataset's masks built with its
+own ``--label-space`` keep their ids; a standard VOC folder built into another space needs
+``--mask-space voc21``). A mapping that would lose classes (``LabelSpace.mapping_losses``: a class
+merged into the target's background, or labelled pixels turned void) is checked against the masks
+on the driver: if any listed mask holds such a class, listing fails with a ``ValueError`` naming the
+classes, unless ``allow_dropped_classes`` (``--allow-dropped-classes``), which keeps the mapping and
+records the dropped classes in each row's provenance.
 
 Boxes: an image with ``Annotations/<name>.xml`` gets the XML's boxes (real boxes win). An image
 without one gets boxes derived from its mask by :func:`boxes_from_mask` (rule ``DERIVED_BOXES``): one
@@ -87,14 +97,84 @@ def voc_lists(root: Path, lists: Sequence[str] | None = None) -> list[tuple[str,
     return [(n, found[n]) for n in names]
 
 
-def mask_space_of(root: Path) -> LabelSpace:
-    """The space of the mask ids: ``ROOT/label_space.yaml`` if present, else VOC-21."""
+def mask_space_of(root: Path, target: LabelSpace | None = None,
+                  mask_space: LabelSpace | str | Path | None = None) -> LabelSpace:
+    """The space of a VOC folder's mask ids.
+
+    Args:
+        root: the VOC folder.
+        target: the target space of the build (the default mask space); ``None`` = VOC-21.
+        mask_space: an explicit space (``LabelSpace``, built-in name or YAML path); wins when given.
+
+    Returns:
+        ``mask_space`` if given, else ``ROOT/label_space.yaml`` if present, else ``target``
+        (VOC-21 when ``target`` is None).
+
+    Raises:
+        FileNotFoundError, ValueError: ``mask_space`` or the folder's YAML does not load.
+    """
+    if mask_space is not None:
+        return mask_space if isinstance(mask_space, LabelSpace) else load_label_space(mask_space)
     f = root / LABEL_SPACE_FILE
-    return load_label_space(f) if f.is_file() else builtin("voc21")
+    if f.is_file():
+        return load_label_space(f)
+    return builtin("voc21") if target is None else target
+
+
+def _same_space(a: LabelSpace, b: LabelSpace) -> bool:
+    return a.names == b.names and a.ignore_index == b.ignore_index
+
+
+def check_mask_mapping(mask_paths: Sequence[str | Path], mask_space: LabelSpace, space: LabelSpace,
+                       where: str = "") -> dict[int, int]:
+    """Raise if mapping these masks from ``mask_space`` into ``space`` would lose a class they hold.
+
+    Only masks are read when ``mask_space.mapping_losses(space)`` is non-empty (a lossless mapping
+    costs nothing). Missing or undecodable masks are skipped here (the build quarantines them).
+
+    Args:
+        mask_paths: the mask PNGs to scan.
+        mask_space: the space of their ids.
+        space: the target space.
+        where: the source, for the message.
+
+    Returns:
+        ``{lost class id: number of masks holding it}`` (empty when nothing present is lost).
+
+    Raises:
+        ValueError: a lost class occurs in a mask; names each class (mask-space name, id, where it
+            would go, how many masks hold it, one example file) and the two ways out.
+    """
+    if _same_space(mask_space, space):
+        return {}
+    losses = mask_space.mapping_losses(space)
+    if not losses:
+        return {}
+    lost_ids = np.array(sorted(losses), dtype=np.int64)
+    found: dict[int, int] = {}
+    example: dict[int, str] = {}
+    for mp in mask_paths:
+        try:
+            m = decode_voc_mask(Path(mp).read_bytes(), mask_space, mp)
+        except (OSError, RowError):
+            continue
+        for c in np.intersect1d(np.unique(m), lost_ids):
+            found[int(c)] = found.get(int(c), 0) + 1
+            example.setdefault(int(c), str(mp))
+    if found:
+        what = "; ".join(f"{mask_space.names[c]!r} (id {c}) -> {losses[c]}, in {n} masks, e.g. {example[c]}"
+                         for c, n in sorted(found.items()))
+        raise ValueError(
+            f"{where or 'VOC masks'}: mapping the mask ids from label space {mask_space.name!r} into "
+            f"{space.name!r} would lose classes present in the masks: {what}. If the masks already hold "
+            f"{space.name!r} ids, pass --mask-space {space.name} (or put a label_space.yaml in the folder); "
+            f"if those classes should be dropped, pass --allow-dropped-classes")
+    return found
 
 
 def read_voc_records(root: str | Path, space: LabelSpace, lists: Sequence[str] | None = None,
-                     mask_dir: str | None = None) -> list[dict[str, Any]]:
+                     mask_dir: str | None = None, mask_space: LabelSpace | str | None = None,
+                     allow_dropped_classes: bool = False) -> list[dict[str, Any]]:
     """One build record per listed image (list order within each list).
 
     Args:
@@ -103,9 +183,14 @@ def read_voc_records(root: str | Path, space: LabelSpace, lists: Sequence[str] |
         lists: list names under ``ImageSets/Segmentation`` (or ``.txt`` paths); default all.
         mask_dir: ``SegmentationClass`` or ``SegmentationClassAug``; default the Aug folder when
             it exists.
+        mask_space: the space of the mask ids (see :func:`mask_space_of`; default the folder's
+            ``label_space.yaml``, else ``space``).
+        allow_dropped_classes: map even when classes present in the masks are lost (merged into
+            the background or voided); the rows' provenance then names them.
 
     Raises:
         FileNotFoundError: ``root`` has no ``JPEGImages/`` or no lists.
+        ValueError: the mapping loses classes present in the masks (see :func:`check_mask_mapping`).
     """
     root = Path(root)
     if not (root / "JPEGImages").is_dir():
@@ -113,7 +198,7 @@ def read_voc_records(root: str | Path, space: LabelSpace, lists: Sequence[str] |
                                 f"holding JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/")
     if mask_dir is None:
         mask_dir = "SegmentationClassAug" if (root / "SegmentationClassAug").is_dir() else "SegmentationClass"
-    mspace = mask_space_of(root)
+    mspace = mask_space_of(root, space, mask_space)
     mspace_d = {"name": mspace.name, **mspace.to_dict()}
     out = []
     for split, path in voc_lists(root, lists):
@@ -136,8 +221,21 @@ def read_voc_records(root: str | Path, space: LabelSpace, lists: Sequence[str] |
                 "image_path": str(img),
                 "mask_path": str(root / mask_dir / f"{name}.png"),
                 "payload": json.dumps({"mask_space": mspace_d, "xml": str(xml) if xml.is_file() else ""}),
-                "provenance": json.dumps({"boxes": boxes_from}),
+                "provenance": {"boxes": boxes_from},
             })
+    mapped = not _same_space(mspace, space)
+    dropped: list[str] = []
+    if mapped and allow_dropped_classes:  # every class the mapping loses, present in the masks or not
+        dropped = [f"{mspace.names[c]}->{how}" for c, how in mspace.mapping_losses(space).items()]
+    elif mapped:
+        check_mask_mapping([r["mask_path"] for r in out], mspace, space, f"VOC folder {root}")
+    for r in out:
+        prov = r["provenance"]
+        if mapped:
+            prov["mask_space"] = mspace.name
+        if dropped:
+            prov["dropped_classes"] = dropped
+        r["provenance"] = json.dumps(prov)
     return out
 
 

@@ -153,3 +153,31 @@ def test_derived_boxes_on_a_real_voc_image() -> None:
     m = decode_voc_mask(p.read_bytes(), voc, p)
     assert m.shape == (234, 320)
     assert _tuples(boxes_from_mask(m, voc)) == [(1, 5.0, 70.0, 320.0, 168.0), (1, 268.0, 128.0, 308.0, 143.0)]
+
+
+def test_bundled_voc_sample_store(ray_session, tmp_path, capsys) -> None:
+    """The experiment builder's ``sample: voc`` store: all 476 rows, the lists' 326/150 split, every
+    row with mask-derived boxes, all 20 classes in both splits; ``data summary`` lists all 21."""
+    from raysemiseg.cli import main
+    from raysemiseg.data.store import summarize
+    from raysemiseg.data.voc import DERIVED_BOXES
+    from raysemiseg.experiment import ensure_store
+
+    st = open_store(ensure_store(tmp_path / "S", "voc21", sample="voc"))
+    t = st.read_table(columns=["split", "labels", "boxes", "provenance", "height", "width"]).to_pylist()
+    assert len(t) == 476 and st.manifest["counts"] == {"read": 476, "written": 476, "quarantined": 0}
+    assert sum(r["split"] == "train" for r in t) == 326 and sum(r["split"] == "val" for r in t) == 150
+    assert all(max(r["height"], r["width"]) <= 320 for r in t)
+    assert all(json.loads(r["provenance"]) == {"boxes": DERIVED_BOXES} for r in t)
+    # every image-level label has a box of its class (the largest component is always kept)
+    assert all(set(r["labels"]) == {b["class_id"] for b in r["boxes"]} for r in t)
+    for split, lo in (("train", 12), ("val", 6)):  # the data README: train 12-41 images per class, val 6-14
+        counts = [sum(c in r["labels"] for r in t if r["split"] == split) for c in range(1, 21)]
+        assert min(counts) == lo, split
+    s = summarize(st)
+    assert len(s["class_images"]) == 20 and min(s["class_images"].values()) >= 18
+    assert main(["data", "summary", str(tmp_path / "S")]) == 0
+    out = capsys.readouterr().out
+    assert "classes present: 20 of 20" in out and "rows read 476 = written 476 + quarantined 0" in out
+    assert "in 476 rows (476 rows with boxes derived from their masks)" in out
+    assert "  background                -     475   (background)" in out  # every class listed, bg too
