@@ -21,7 +21,7 @@ def test_bbox_rect_hand_checked_overlap_goes_to_smallest() -> None:
     assert boxes_array([(1, 0, 0, 1, 1)]).shape == (1, 5)
 
 
-def test_bbox_seg_follows_object_inside_box_and_clamps() -> None:
+def test_bbox_seg_follows_object_inside_box() -> None:
     # a bright disc inside a larger box on a dark background: Bbox-Seg keeps the disc, drops the corners
     h, w = 40, 40
     yy, xx = np.mgrid[:h, :w]
@@ -31,10 +31,31 @@ def test_bbox_seg_follows_object_inside_box_and_clamps() -> None:
     lab, conf = bbox_seg(img, box, BboxSegParams(alpha=0.2))
     rect = bbox_rect(box, h, w)
     assert set(np.unique(lab)) == {0, 15}
-    assert (lab[rect == 0] == 0).all()                       # outside the box: background (clamped)
-    r = int(round(25 * np.sqrt(0.2) / 2))
-    assert (lab[20 - r + 1:20 + r - 1, 20 - r + 1:20 + r - 1] == 15).all()   # centre clamp
+    assert (lab[rect == 0] == 0).all()
     iou_seg = ((lab == 15) & disc).sum() / ((lab == 15) | disc).sum()
     iou_rect = ((rect == 15) & disc).sum() / ((rect == 15) | disc).sum()
     assert iou_seg > 0.9 > iou_rect
     assert conf.shape == (h, w) and np.all(conf[rect == 0] == 1.0)
+
+
+def test_bbox_seg_clamps_the_central_alpha_area_smallest_box_first() -> None:
+    """Bbox-Seg (Papandreou et al. 2015 Sec. 3.3 / 4.4): the centre of each box covering alpha of
+    its AREA (sides x sqrt(alpha)) is clamped to the box's class, the smaller box's core winning
+    where cores overlap; pixels outside every box are background. On a featureless grey image with
+    fg_prior 0.3 (free in-box pixels: background 0.7) nothing but the clamps can make foreground.
+
+    Boxes: class 15 on [8, 32)^2 (24 px sides), class 7 on [16, 28)^2 (12 px), alpha = 0.25 ->
+    sqrt = 0.5: cores [14, 26)^2 (144 px) and [19, 25)^2 (36 px, class 7 on top). Expected labels:
+    7 on the small core, 15 on the rest of the big core (108 px), background elsewhere; the CRF
+    marginal is exactly 1 at clamped pixels (cores and outside) and below 1 at free ones.
+    (alpha on the side would give cores of 6 and 3 px; no clamp, no foreground at all.)"""
+    h = w = 40
+    img = np.full((h, w, 3), 128, np.uint8)
+    boxes = [(15, 8.0, 8.0, 32.0, 32.0), (7, 16.0, 16.0, 28.0, 28.0)]
+    lab, conf = bbox_seg(img, boxes, BboxSegParams(alpha=0.25, fg_prior=0.3))
+    expect = np.zeros((h, w), np.int64)
+    expect[14:26, 14:26] = 15
+    expect[19:25, 19:25] = 7
+    assert lab.tolist() == expect.tolist()
+    clamped = (expect > 0) | (bbox_rect(boxes, h, w) == 0)
+    assert np.array_equal(conf == 1.0, clamped)
