@@ -1,4 +1,4 @@
-"""Pseudo labels from bounding boxes: Bbox-Rect and Bbox-Seg (Papandreou et al., ICCV 2015, Sec. 4.2).
+"""Pseudo labels from bounding boxes: Bbox-Rect and Bbox-Seg (Papandreou et al., ICCV 2015, Sec. 3.3; alpha in Sec. 4.4).
 
 * **Bbox-Rect**: every pixel inside a box takes the box's class; pixels in several boxes take the
   class of the smallest (by area) box; pixels outside all boxes are background.
@@ -87,7 +87,7 @@ def _paint(boxes: np.ndarray, h: int, w: int, fill: int, scale: float = 1.0) -> 
 
 
 def bbox_rect(boxes: Any, height: int, width: int, background_id: int = 0) -> np.ndarray:
-    """Bbox-Rect pseudo label (Papandreou et al. 2015 Sec. 4.2).
+    """Bbox-Rect pseudo label (Papandreou et al. 2015 Sec. 3.3).
 
     Args:
         boxes: boxes in any form :func:`boxes_array` accepts.
@@ -106,7 +106,7 @@ def bbox_seg(
     params: BboxSegParams | None = None,
     background_id: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Bbox-Seg pseudo label: dense CRF with clamped box centres and background (Sec. 4.2).
+    """Bbox-Seg pseudo label: dense CRF with clamped box centres and background (Sec. 3.3).
 
     Args:
         image: (H, W, 3) uint8 RGB.

@@ -1,4 +1,4 @@
-"""Bbox-Rect / Bbox-Seg tests (Papandreou et al. 2015 Sec. 4.2)."""
+"""Bbox-Rect / Bbox-Seg tests (Papandreou et al. 2015 Sec. 3.3 / 4.4)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ time:
 
 Target precedence per row (:func:`raysemiseg.methods.wssl.losses.select_targets`):
 strong mask > stored pseudo label (``batch.pseudo``, e.g. a Bbox-Rect or Bbox-Seg label store;
-Sec. 4.2's "Bbox-Rect"/"Bbox-Seg" are trained this way, without any E-step) > online E-step.
+Sec. 3.3's "Bbox-Rect"/"Bbox-Seg" are trained this way, without any E-step) > online E-step.
 ``use_label_store: false`` ignores ``batch.pseudo`` and always runs the E-step on weak rows.
 
 Cross-dataset (Sec. 4.5): ``init_from`` loads a checkpoint trained on another label space and
