@@ -22,7 +22,8 @@ like 37 in a 21-class mask quarantines the row), then mapped by name into the ta
 The mask space is, first to last: the ``mask_space`` argument (``data build --mask-space``), the
 folder's ``label_space.yaml``, the target space itself (so a custom dataset's masks built with its
 own ``--label-space`` keep their ids; a standard VOC folder built into another space needs
-``--mask-space voc21``). A mapping that would lose classes (``LabelSpace.mapping_losses``: a class
+``--mask-space voc21``, and a ``UserWarning`` says so when the target is not VOC-21 and the masks
+carry the VOC colour palette). A mapping that would lose classes (``LabelSpace.mapping_losses``: a class
 merged into the target's background, or labelled pixels turned void) is checked against the masks
 on the driver: if any listed mask holds such a class, listing fails with a ``ValueError`` naming the
 classes, unless ``allow_dropped_classes`` (``--allow-dropped-classes``), which keeps the mapping and
@@ -172,6 +173,42 @@ def check_mask_mapping(mask_paths: Sequence[str | Path], mask_space: LabelSpace,
     return found
 
 
+def _warn_voc_palette_in_other_space(mask_paths: Sequence[str], space: LabelSpace, root: Path) -> bool:
+    """Warn when the default (mask ids read in the target space) may be wrong: palette masks whose
+    colours are the PASCAL VOC palette at their ids, built into a space that is not VOC-21. Such
+    masks may be VOC-21 masks (then VOC person = 15 would be read as the target's class 15), or a
+    custom dataset saved with the VOC colour map (common, and then the default is right); the
+    ``UserWarning`` says how the ids are read and how to choose. Returns whether it warned."""
+    import warnings
+
+    voc = builtin("voc21")
+    if space.names == voc.names:
+        return False
+    vpal = voc.palette.astype(int)
+    for mp in mask_paths:
+        try:
+            with Image.open(mp) as im:
+                if im.mode != "P":
+                    continue
+                ids = np.unique(np.asarray(im))
+                pal = np.asarray(im.getpalette() or [], dtype=int).reshape(-1, 3)
+        except Exception:
+            continue
+        ids = ids[(ids > 0) & (ids < min(voc.num_classes, len(pal)))]
+        if ids.size == 0:
+            continue
+        if not np.array_equal(pal[ids], vpal[ids]):
+            return False
+        own = [f"{i}={space.names[i]}" for i in ids[ids < space.num_classes][:3]]
+        warnings.warn(
+            f"VOC folder {root}: {mp} is a palette mask in PASCAL VOC colours (ids {ids.tolist()}); with no "
+            f"--mask-space and no {LABEL_SPACE_FILE} its ids are read as {space.name!r} ids ({', '.join(own)}). "
+            f"If these are VOC-21 masks, pass --mask-space voc21 to map the VOC classes by name",
+            UserWarning, stacklevel=3)
+        return True
+    return False
+
+
 def read_voc_records(root: str | Path, space: LabelSpace, lists: Sequence[str] | None = None,
                      mask_dir: str | None = None, mask_space: LabelSpace | str | None = None,
                      allow_dropped_classes: bool = False) -> list[dict[str, Any]]:
@@ -223,6 +260,8 @@ def read_voc_records(root: str | Path, space: LabelSpace, lists: Sequence[str] |
                 "payload": json.dumps({"mask_space": mspace_d, "xml": str(xml) if xml.is_file() else ""}),
                 "provenance": {"boxes": boxes_from},
             })
+    if mask_space is None and not (root / LABEL_SPACE_FILE).is_file():
+        _warn_voc_palette_in_other_space([r["mask_path"] for r in out[:8]], space, root)
     mapped = not _same_space(mspace, space)
     dropped: list[str] = []
     if mapped and allow_dropped_classes:  # every class the mapping loses, present in the masks or not

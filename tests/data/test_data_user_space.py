@@ -133,3 +133,24 @@ def test_mask_mapping_that_loses_present_classes_is_an_error(ray_session, tmp_pa
     prov = json.loads(row["provenance"])
     assert prov["mask_space"] == "voc21" and "cat->background" in prov["dropped_classes"]
     assert "dog->background" not in prov["dropped_classes"] and len(prov["dropped_classes"]) == 18  # 20 VOC classes - person, dog
+
+
+def test_voc_palette_masks_into_another_space_warn(recwarn) -> None:
+    """Real VOC masks (bundled sample) into coco80 without --mask-space: ids read as coco80 ids
+    (VOC aeroplane = 1 would be coco80 person), so the reader warns and names the way out; with
+    --mask-space voc21 the 20 classes map by name (aeroplane -> airplane ...) with no loss, no warning."""
+    import warnings
+
+    import pytest
+
+    from raysemiseg.data.sample import voc_sample_dir
+    from raysemiseg.data.voc import read_voc_records
+    from raysemiseg.labels import builtin
+
+    with pytest.warns(UserWarning, match=r"read as 'coco80' ids \(1=person\).*--mask-space voc21"):
+        read_voc_records(voc_sample_dir(), builtin("coco80"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recs = read_voc_records(voc_sample_dir(), builtin("coco80"), mask_space="voc21")
+    assert len(recs) == 476
+    assert builtin("voc21").mapping_to(builtin("coco80"))[1] == builtin("coco80").index("airplane")
