@@ -7,8 +7,10 @@ batch, and what each stage trains."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,7 @@ from raysemiseg.methods.decoupled.losses import ABSENT_LOGIT, binary_targets, co
 from raysemiseg.methods.decoupled.model import _ClassifierHead, normalise_saliency
 from raysemiseg.train.loop import build_optimizers, train_step
 
+ROOT = Path(__file__).resolve().parents[2]
 SPACE = builtin("voc21")
 MODEL = ModelConfig(backbone="tiny", pretrained=False, output_stride=8)
 SMALL = DecoupledParams(width=16, fc_width=16, bridge_width=16)
@@ -84,10 +87,16 @@ def fg_ious(method, b: Batch) -> dict[tuple[int, int], float]:
     return out
 
 
+def shipped_optim(method_name: str) -> OptimConfig:
+    """The ``optim`` section of the shipped ``configs/methods/<method_name>.yaml`` (AMP off)."""
+    cfg = yaml.safe_load((ROOT / "configs" / "methods" / f"{method_name}.yaml").read_text())
+    return OptimConfig(**{**cfg["optim"], "amp": False})
+
+
 def fit(method, b: Batch, stages: list[tuple[str, int]]) -> dict[str, float]:
-    """Train through the method's own optimizer groups and the shared loop's ``train_step``
-    (AdamW base lr 1e-4: the quickstart recipe)."""
-    cfg = OptimConfig(optimizer="adamw", lr=1e-4, weight_decay=1e-4, amp=False)
+    """Train through the method's own optimizer groups, the shared loop's ``train_step`` and the
+    recipe of the method's shipped config (the old SGD recipes left both decoders at the prior)."""
+    cfg = shipped_optim(method.name)
     last: dict[str, float] = {}
     for stage, steps in stages:
         method.set_stage(stage)
@@ -244,7 +253,8 @@ def test_default_stage_keeps_networks_decoupled() -> None:
 
 
 def test_segment_stage_fits_a_batch() -> None:
-    """Classify 20 steps, then segment 40 steps through the method's own optimizer groups: every
+    """Classify 20 steps, then segment 40 steps through the method's own optimizer groups and its
+    shipped recipe (configs/methods/decoupled.yaml): every
     (image, label) of the batch reaches fg IoU > 0.5 under ``predict`` with the given labels,
     including the two labels of row 0. A background-prior collapse scores 0 here; the old plain
     decoder (no BN, default init, no saliency normalisation) scored 0.0 / 0.19 on row 0."""

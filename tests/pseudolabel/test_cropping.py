@@ -1,10 +1,12 @@
-"""Combinatorial cropping (DecoupledNet Sec. 5): 2^|L| - 1 masks per image, crops enclose the
-subset mask, image-store batch function (pure and through Ray Data)."""
+"""Combinatorial cropping (DecoupledNet Sec. 4.4): 2^|L| - 1 masks per image, crops enclose the
+subset mask, the online (torch) version the segment stage runs, image-store batch function (pure
+and through Ray Data)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from raysemiseg.data.schema import decode_image, decode_mask, encode_image, encode_mask
 from raysemiseg.pseudolabel.cropping import (
@@ -12,6 +14,7 @@ from raysemiseg.pseudolabel.cropping import (
     combinatorial_crops,
     enclosing_boxes,
     label_subsets,
+    online_combinatorial_crops,
     subset_mask,
 )
 
@@ -61,6 +64,79 @@ def test_enclosing_boxes_contain_mask() -> None:
     assert (boxes[:, 0] <= 4).all() and (boxes[:, 2] >= 9).all() and (boxes[:, 1] <= 10).all() and (boxes[:, 3] >= 20).all()
     assert (boxes[:, 2] <= 20).all() and (boxes[:, 3] <= 30).all() and (boxes[:, :2] >= 0).all()
     assert len({tuple(x) for x in boxes}) > 10  # random, not one box
+
+
+FG = torch.arange(1, 21)
+
+
+def online_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scene() as a batch of 2 rows: row 0 strong with labels {3, 7, 11}, row 1 unlabelled."""
+    rgb, mask = scene()
+    images = torch.from_numpy(rgb).permute(2, 0, 1).float()[None].repeat(2, 1, 1, 1)
+    masks = torch.from_numpy(mask)[None].repeat(2, 1, 1)
+    labels = torch.zeros(2, 21)
+    labels[:, 0] = 1
+    labels[0, [3, 7, 11]] = 1
+    return images, masks, labels
+
+
+def test_online_crops_enclose_the_subset_and_give_z_P() -> None:
+    """Each crop: a subset P of the row's labels, a box containing every pixel of P (the same
+    count of P pixels inside the box as in the image), the crop resized to the batch size, and
+    z^P = the nearest-resized binary mask of the box (1 on P, 0 on other labels and background,
+    255 on void)."""
+    images, masks, labels = online_inputs()
+    out = online_combinatorial_crops(images, masks, labels, torch.tensor([True, True]), FG, num_crops=12,
+                                     rng=np.random.default_rng(0))
+    assert out.images.shape == (12, 3, 40, 50) and out.targets.shape == (12, 40, 50)
+    assert out.rows.tolist() == [0] * 12                      # row 1 has no label: no crop
+    m = masks[0].numpy()
+    seen = set()
+    for q in range(12):
+        subset = tuple(int(c) for c in out.subsets[q].nonzero().flatten())
+        seen.add(subset)
+        assert set(subset) <= {3, 7, 11} and subset
+        y0, x0, y1, x1 = out.boxes[q].tolist()
+        assert np.isin(m[y0:y1, x0:x1], subset).sum() == np.isin(m, subset).sum()
+        _, binary = subset_mask(m[y0:y1, x0:x1], subset)
+        ref = torch.nn.functional.interpolate(torch.from_numpy(binary.astype(np.float32))[None, None],
+                                              size=(40, 50), mode="nearest")[0, 0].long()
+        assert torch.equal(out.targets[q], ref)
+        assert (y1 - y0) >= 10 and (x1 - x0) >= 12          # at least a quarter of each side
+    assert len(seen) >= 4                                    # subsets drawn, not always the same
+
+
+def test_online_crop_of_the_whole_image_is_the_image() -> None:
+    """A label whose pixels touch all four borders: its only enclosing box is the whole image, so
+    the crop is the image itself and z^P its binary mask (hand-checked 2 x 3 case)."""
+    images = torch.arange(2 * 3, dtype=torch.float32).view(1, 1, 2, 3)
+    masks = torch.tensor([[[5, 0, 0], [255, 0, 5]]])
+    labels = torch.zeros(1, 21)
+    labels[0, 5] = 1
+    out = online_combinatorial_crops(images, masks, labels, torch.tensor([True]), FG, 1, np.random.default_rng(1),
+                                     min_size_frac=0.5)
+    assert out.boxes.tolist() == [[0, 0, 2, 3]]
+    assert torch.equal(out.images, images)
+    assert out.targets.tolist() == [[[1, 0, 0], [255, 0, 1]]]
+
+
+def test_online_crops_with_an_absent_label_and_bad_input() -> None:
+    """A listed label without pixels (cropped away) gives an all-background target, not a crash;
+    no labelled row gives an empty crop batch; bad arguments are errors."""
+    images, masks, labels = online_inputs()
+    labels[1, 19] = 1                                         # row 1: label 19, no pixel of it
+    out = online_combinatorial_crops(images, masks, labels, torch.tensor([False, True]), FG, 3,
+                                     np.random.default_rng(2))
+    assert out.rows.tolist() == [1, 1, 1]
+    assert set(out.targets.unique().tolist()) <= {0, 255}
+    empty = online_combinatorial_crops(images, masks, labels, torch.tensor([False, False]), FG, 3,
+                                       np.random.default_rng(2))
+    assert empty.images.shape == (0, 3, 40, 50) and empty.targets.shape == (0, 40, 50)
+    with pytest.raises(ValueError, match="num_crops"):
+        online_combinatorial_crops(images, masks, labels, torch.tensor([True, True]), FG, 0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="masks"):
+        online_combinatorial_crops(images, masks[:, :10], labels, torch.tensor([True, True]), FG, 1,
+                                   np.random.default_rng(0))
 
 
 def store_rows() -> dict[str, np.ndarray]:
