@@ -382,3 +382,14 @@ def test_init_from_earlier_stage(tmp_path) -> None:
     with pytest.raises(ValueError, match="none of its"):
         DecoupledNet(SPACE, MODEL.model_copy(update={"pretrained": True}),
                      SMALL.model_copy(update={"init_from": str(tmp_path / "other.pt")}))
+
+
+def test_pretraining_stage_hands_on_its_latest_checkpoint() -> None:
+    """The classify stage's val mIoU scores an untrained segmenter (ties every epoch): the driver
+    hands on its latest checkpoint; the segment stage's best by val mIoU."""
+    from raysemiseg.train.driver import checkpoint_rule
+    from raysemiseg.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "methods" / "decoupled.yaml"))
+    assert checkpoint_rule(cfg.model_copy(update={"method": cfg.method.model_copy(update={"stage": "classify"})})) == "latest"
+    assert checkpoint_rule(cfg.model_copy(update={"method": cfg.method.model_copy(update={"stage": "segment"})})) == "best"

@@ -6,6 +6,7 @@ batches without foreground labels, and what each stage trains."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,9 +177,9 @@ def test_decoder_is_batchnormed_and_paper_optimizer() -> None:
     assert all(isinstance(layers[i + 1], nn.BatchNorm2d) for i in convs[:-1]) and len(convs) >= 3
     (grp,) = m.optimizer_groups(1e-4)
     assert grp.optimizer == "adam"
-    assert len(grp.params) == 1 and grp.params[0]["lr"] == pytest.approx(5e-4)  # frozen encoder: no group
-    ids = {id(p) for p in grp.params[0]["params"]}
-    assert {id(p) for p in m.parameters() if p.requires_grad} == ids
+    assert [pg["lr"] for pg in grp.params] == [pytest.approx(5e-4)] * 2  # attention, heads; frozen encoder
+    ids = [id(p) for pg in grp.params for p in pg["params"]]
+    assert sorted({id(p) for p in m.parameters() if p.requires_grad}) == sorted(ids)
 
 
 def test_joint_stage_fits_a_batch() -> None:
@@ -214,3 +215,14 @@ def test_predict_gt_labels_and_own_classifier() -> None:
     with torch.no_grad():
         out2 = m2.predict(b.images)
     assert out2.shape == (2, 21, 64, 64) and torch.isfinite(out2).all()
+
+
+def test_pretraining_stage_hands_on_its_latest_checkpoint() -> None:
+    """The attention stage's val mIoU scores an untrained segmenter (ties every epoch): the driver
+    hands on its latest checkpoint; the joint stage's best by val mIoU."""
+    from raysemiseg.train.driver import checkpoint_rule
+    from raysemiseg.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "methods" / "transfernet.yaml"))
+    assert checkpoint_rule(cfg.model_copy(update={"method": cfg.method.model_copy(update={"stage": "attention"})})) == "latest"
+    assert checkpoint_rule(cfg.model_copy(update={"method": cfg.method.model_copy(update={"stage": "joint"})})) == "best"

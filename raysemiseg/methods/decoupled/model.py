@@ -236,6 +236,8 @@ class DecoupledNet(Method):
     uses = ("pixel", "image")
     label_conditioned = True
     STAGES: tuple[str, ...] = ("default", "classify", "segment")
+    #: the classify stage's val mIoU scores an untrained segmenter: hand on its latest checkpoint
+    AUX_STAGES: tuple[str, ...] = ("classify",)
 
     def __init__(self, label_space: LabelSpace, model, params: DecoupledParams | None = None) -> None:
         super().__init__(label_space, model, params)

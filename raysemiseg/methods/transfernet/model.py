@@ -43,7 +43,7 @@ Source rows = rows with pixel labels (``is_strong``); target rows = image-level 
 without a foreground label give no pair; a batch without any gives zero losses that still reach
 every trainable parameter.
 
-Optimisation (Sec. 6.1: Adam, lr 5e-4): ``optimizer_groups`` gives one group of kind
+Optimisation (Sec. 6.1: Adam, lr 5e-4): ``optimizer_groups`` gives one optimizer of kind
 ``optimizer`` (default Adam) with the attention, f_cls, the separate classifier and the decoder
 at ``optim.lr * head_lr_mult`` (default 5: the paper's 5e-4 at the configs' ``optim.lr`` 1e-4)
 and an unfrozen encoder at ``optim.lr * backbone_lr_mult``.
@@ -173,6 +173,8 @@ class TransferNet(Method):
     uses = ("pixel", "image")
     label_conditioned = True
     STAGES: tuple[str, ...] = ("default", "attention", "joint")
+    #: the attention stage's val mIoU scores an untrained decoder: hand on its latest checkpoint
+    AUX_STAGES: tuple[str, ...] = ("attention",)
 
     def __init__(self, label_space: LabelSpace, model, params: TransferNetParams | None = None) -> None:
         super().__init__(label_space, model, params)
@@ -232,16 +234,24 @@ class TransferNet(Method):
             self.backbone.train(False)
         return self
 
+    def _attention_params(self) -> list[nn.Parameter]:
+        return [self.w_feat, self.w_label.weight, self.w_att, self.att_bias]
+
     def optimizer_groups(self, lr: float) -> list[OptimizerGroup]:
-        """One "main" group of kind ``params.optimizer`` (default Adam, the paper's): the encoder
-        (when trainable) at ``lr * backbone_lr_mult``, everything else at ``lr * head_lr_mult``."""
+        """One "main" optimizer of kind ``params.optimizer`` (default Adam, the paper's): the
+        encoder (when trainable) at ``lr * backbone_lr_mult``; the attention (W_feat, W_label,
+        W_att, b) and, in a second parameter group at the same ``lr * head_lr_mult``, the
+        classifiers and the decoder. The attention's own group: its parameters sit behind a
+        softmax over M locations, so their raw gradients are ~1/M of the heads' (Adam's
+        per-parameter normalisation makes the scale irrelevant to the update)."""
         p: TransferNetParams = self.params
         backbone = [q for q in self.backbone.parameters() if q.requires_grad]
-        ids = {id(q) for q in self.backbone.parameters()}
+        attention = [q for q in self._attention_params() if q.requires_grad]
+        ids = {id(q) for q in self.backbone.parameters()} | {id(q) for q in attention}
         rest = [q for q in self.parameters() if q.requires_grad and id(q) not in ids]
         groups = [{"params": backbone, "lr": lr * p.backbone_lr_mult}] if backbone else []
-        groups.append({"params": rest, "lr": lr * p.head_lr_mult})
-        return [OptimizerGroup("main", groups, optimizer=p.optimizer)]
+        groups += [{"params": attention, "lr": lr * p.head_lr_mult}, {"params": rest, "lr": lr * p.head_lr_mult}]
+        return [OptimizerGroup("main", [g for g in groups if g["params"]], optimizer=p.optimizer)]
 
     # ------------------------------------------------------------------ networks
     def encode(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
