@@ -116,6 +116,10 @@ class RunConfig(StrictModel):
     name: str = "run"
     storage_path: str = "runs"
     num_to_keep: int = Field(2, ge=1)
+    checkpoint_select: Literal["auto", "best", "latest"] = Field(
+        "auto", description="checkpoint a run hands on and is evaluated with: best val mIoU, the latest, or auto "
+                            "(latest for a method's auxiliary stages, else best). Per-epoch validation scores the "
+                            "val split, so 'best' selects on it: experiments that report on val use 'latest'")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     inject_fault_at_step: int | None = Field(

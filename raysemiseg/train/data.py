@@ -143,6 +143,13 @@ def read_label_store(label_store: str | Path, recipe: str | None = None) -> dict
     return dict(zip(t["image_id"].to_pylist(), t["mask"].to_pylist()))
 
 
+def _pixel_only(method_name: str) -> bool:
+    """Whether the method's ``uses`` is pixel labels alone (its weak rows would carry no loss)."""
+    from raysemiseg.methods.base import get_method
+
+    return tuple(get_method(method_name).uses) == ("pixel",)
+
+
 def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
     """Ray datasets for a run (driver side; nothing is read from Parquet beyond id columns).
 
@@ -185,6 +192,14 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
                uses_boxes=uses_boxes, seed=cfg.run.seed)
     quiet_ray_data()
     role_of = dict(zip(tr_ids, tr_roles))
+    if d.strong_fraction is None and _pixel_only(cfg.method.name):
+        # a method that trains from pixel labels alone (strong_only) gets batches of strong rows only:
+        # weak rows in its batches would carry no loss and dilute every step (25 % strong split:
+        # 2 of 8 crops per batch would train)
+        role_of = {i: r for i, r in role_of.items() if r == "strong"}
+        if not role_of:
+            raise ValueError(f"method {cfg.method.name!r} trains from pixel labels only, but split "
+                             f"{d.train_split!r} of {d.store} has no strong rows")
     if d.strong_fraction is None:
         pools = {"train": role_of}
     else:

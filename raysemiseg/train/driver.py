@@ -146,9 +146,11 @@ def checkpoint_rule(cfg: TrainConfig) -> str:
     """How the run's checkpoint to hand on is chosen: ``"latest"`` when ``cfg.method.stage`` is one
     of the method's :attr:`~raysemiseg.methods.base.Method.AUX_STAGES` (L-Net, P-Net pre-training,
     attention or classifier pre-training: the segmenter their val mIoU scores is frozen or
-    untrained), else ``"best"`` (highest val mIoU)."""
+    untrained), else ``"best"`` (highest val mIoU); ``run.checkpoint_select`` other than "auto" wins."""
     from raysemiseg.methods.base import get_method
 
+    if cfg.run.checkpoint_select != "auto":
+        return cfg.run.checkpoint_select
     return "latest" if cfg.method.stage in get_method(cfg.method.name).AUX_STAGES else "best"
 
 

@@ -73,3 +73,13 @@ def test_lnet_stage_hands_on_its_last_epoch(ray_session, sample_store, runs_dir,
     assert res.checkpoint_rule == "latest" and res.checkpoint == res.latest_checkpoint
     assert read_meta(res.checkpoint)["epoch"] == 3
     assert read_meta(res.best_checkpoint)["epoch"] == 3  # ties go to the later checkpoint
+
+
+@pytest.mark.parametrize("select,stage,rule", [("latest", "segment", "latest"), ("best", "lnet", "best"),
+                                                ("auto", "lnet", "latest")])
+def test_run_checkpoint_select_overrides_the_aux_stage_rule(select: str, stage: str, rule: str) -> None:
+    """``run.checkpoint_select``: experiments that report on val hand on the latest checkpoint (the
+    per-epoch validation scores the val split, so picking the best epoch on it would tune to val)."""
+    cfg = load_config({"data": {"store": "unused"}, "method": {"name": "lnet", "stage": stage},
+                       "run": {"checkpoint_select": select}})
+    assert checkpoint_rule(cfg) == rule

@@ -277,3 +277,22 @@ def test_group_losses_routing_and_errors() -> None:
         group_losses({"gen/x": t}, ["main"])
     g = [torch.ones(2), None]
     assert allreduce_grads([torch.zeros(2), torch.zeros(1)], g) == g  # one process: unchanged
+
+
+def test_pixel_only_methods_train_on_strong_rows_only(sample_store, tmp_path) -> None:
+    """strong_only (``uses = ("pixel",)``) on a 25 %-strong split, strong_fraction null: its one
+    pool holds the strong rows only (weak rows would carry no loss and dilute each batch); a method
+    that uses weak rows (wssl) keeps every training row."""
+    from raysemiseg.config import load_config
+    from raysemiseg.data.splits import SplitSpec, make_split, split_counts, write_split
+    from raysemiseg.train.data import build_datasets
+
+    table = make_split(sample_store, SplitSpec("i3s-fraction", fraction=0.25, seed=0))
+    counts = split_counts(table)["train"]
+    path = write_split(table, tmp_path / "split.parquet")
+    rows = {}
+    for name in ("strong_only", "wssl"):
+        cfg = load_config({"data": {"store": str(sample_store), "split_file": str(path)}, "method": {"name": name}})
+        rows[name] = build_datasets(cfg).pool_rows
+    assert rows["strong_only"] == {"train": counts["strong"]}
+    assert rows["wssl"] == {"train": counts["strong"] + counts["weak"]}
