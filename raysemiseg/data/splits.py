@@ -59,7 +59,8 @@ class SplitSpec:
     Attributes:
         kind: one of :data:`KINDS`.
         seed: RNG seed (numpy ``default_rng``).
-        fraction: ``i3s-fraction``: share of masked training rows made strong, in (0, 1].
+        fraction: ``i3s-fraction``: share of masked training rows made strong, in [0, 1] (0 = weak-only:
+            every training row keeps its image labels and boxes only, WSSL's "Weak" rows).
         strong_list: ``i3s-list``: path of the id list.
         per_class: ``i3s-per-class``: N strong rows per class.
         split_set: ``c3s``: 1..4.
@@ -81,8 +82,8 @@ class SplitSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown split kind {self.kind!r}; valid: {', '.join(KINDS)}")
-        if self.kind == "i3s-fraction" and not (self.fraction is not None and 0 < self.fraction <= 1):
-            raise ValueError(f"i3s-fraction needs 0 < fraction <= 1, got {self.fraction}")
+        if self.kind == "i3s-fraction" and not (self.fraction is not None and 0 <= self.fraction <= 1):
+            raise ValueError(f"i3s-fraction needs 0 <= fraction <= 1, got {self.fraction}")
         if self.kind == "i3s-list" and not self.strong_list:
             raise ValueError("i3s-list needs strong_list (a file of image ids)")
         if self.kind == "i3s-per-class" and not (self.per_class and self.per_class > 0):

@@ -73,6 +73,11 @@ def test_i3s_fraction_reproducible(sample_store) -> None:
     assert a.equals(b) and not a.equals(c)
     assert split_counts(a) == {"train": {"strong": 40, "weak": 120, "none": 0},
                                "val": {"strong": 158, "weak": 0, "none": 0}}
+    # fraction 0 = weak-only (WSSL's "Weak" rows): every training row weak, val keeps its masks
+    assert split_counts(make_split(sample_store, SplitSpec("i3s-fraction", fraction=0.0))) == {
+        "train": {"strong": 0, "weak": 160, "none": 0}, "val": {"strong": 158, "weak": 0, "none": 0}}
+    with pytest.raises(ValueError, match="0 <= fraction <= 1"):
+        SplitSpec("i3s-fraction", fraction=1.5)
 
 
 def test_i3s_list_and_per_class(sample_store, tmp_path) -> None:
