@@ -157,7 +157,8 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
 
 @pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/experiments/semi_i3s.yaml",
                                   "configs/experiments/c3s_split1.yaml", "configs/experiments/c3s_split2.yaml",
-                                  "configs/experiments/c3s_split3.yaml", "configs/experiments/c3s_split4.yaml"])
+                                  "configs/experiments/c3s_split3.yaml", "configs/experiments/c3s_split4.yaml",
+                                  *sorted(str(p) for p in Path("configs/experiments").glob("*_voc.yaml"))])
 def test_shipped_experiments_resolve_every_step(path) -> None:
     """Every step of the shipped experiments validates (method params, recipes, placeholders in order)."""
     from raysemiseg.experiment import load_experiment, plan_experiment
