@@ -102,6 +102,8 @@ class ArmDef(StrictModel):
 
     name: str
     steps: list[StepDef]
+    split: SplitDef | None = Field(None, description="this arm's own split (e.g. DecoupledNet's 5/10/25 strong "
+                                                     "images per class); None = the experiment's split")
     also_given_labels: bool = Field(
         False, description="also score the last checkpoint predicting with each image's given labels "
                            "(TransferNet-GT, Hong et al. 2016 Sec. 4.3), as column '<arm>-GT' "
@@ -409,6 +411,8 @@ def plan_experiment(ecfg: ExperimentConfig) -> list[tuple[str, str, Any]]:
         env[f"labels.{ld.name}"] = f"<labels.{ld.name}>"
     for arm in ecfg.arms:
         aenv = dict(env)
+        if arm.split is not None:
+            aenv["split_file"] = str(work / f"split-{arm.name}.parquet")
         for step in arm.steps:
             where = f"experiment {ecfg.name!r}, arm {arm.name!r}, step {step.name!r}"
             try:
@@ -493,6 +497,8 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
         for arm in ecfg.arms:
             _say(f"arm {arm.name}")
             aenv = dict(env)
+            if arm.split is not None:
+                aenv["split_file"] = str(ensure_split(store, arm.split, work / f"split-{arm.name}.parquet"))
             last: Path | None = None
             train_s = 0.0
             steps: dict[str, str] = {}

@@ -393,3 +393,23 @@ def test_pretraining_stage_hands_on_its_latest_checkpoint() -> None:
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "methods" / "decoupled.yaml"))
     assert checkpoint_rule(cfg.model_copy(update={"method": cfg.method.model_copy(update={"stage": "classify"})})) == "latest"
     assert checkpoint_rule(cfg.model_copy(update={"method": cfg.method.model_copy(update={"stage": "segment"})})) == "best"
+
+
+def test_i3s_per_class_experiment_has_a_split_per_arm() -> None:
+    """configs/experiments/decoupled_i3s_per_class.yaml (Table 1's 5/10/25 strong images per class):
+    every arm trains both stages on its own i3s-per-class split; the segment stage feeds strong rows
+    only, with combinatorial cropping."""
+    from raysemiseg.experiment import load_experiment, plan_experiment
+
+    exp = load_experiment(str(ROOT / "configs" / "experiments" / "decoupled_i3s_per_class.yaml"))
+    assert exp.store.sample == "voc"
+    assert [(a.name, a.split.kind, a.split.per_class) for a in exp.arms] == [
+        ("decoupled-5", "i3s-per-class", 5), ("decoupled-10", "i3s-per-class", 10), ("decoupled-25", "i3s-per-class", 25)]
+    plan = plan_experiment(exp)
+    assert [(arm, step) for arm, step, _ in plan] == [(f"decoupled-{n}", s) for n in (5, 10, 25)
+                                                       for s in ("classify", "segment")]
+    for arm, step, cfg in plan:
+        assert cfg.data.split_file.endswith(f"split-{arm}.parquet")
+        assert cfg.method.name == "decoupled" and cfg.method.stage == step
+        if step == "segment":
+            assert cfg.data.strong_fraction == 1.0 and cfg.method.build_params().combinatorial_crops == 1
