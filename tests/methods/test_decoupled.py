@@ -253,14 +253,14 @@ def test_default_stage_keeps_networks_decoupled() -> None:
 
 
 def test_segment_stage_fits_a_batch() -> None:
-    """Classify 20 steps, then segment 40 steps through the method's own optimizer groups and its
+    """Classify 20 steps, then segment 80 steps through the method's own optimizer groups and its
     shipped recipe (configs/methods/decoupled.yaml): every
     (image, label) of the batch reaches fg IoU > 0.5 under ``predict`` with the given labels,
     including the two labels of row 0. A background-prior collapse scores 0 here; the old plain
     decoder (no BN, default init, no saliency normalisation) scored 0.0 / 0.19 on row 0."""
     m = make()
     b = colour_scene()
-    fit(m, b, [("classify", 20), ("segment", 40)])
+    fit(m, b, [("classify", 20), ("segment", 80)])
     ious = fg_ious(m, b)
     assert set(ious) == {(0, 8), (0, 12), (1, 15), (2, 12)}
     assert min(ious.values()) > 0.5, ious
