@@ -10,9 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
-import torch.nn.functional as F
+import yaml
 
 from raysemiseg.config import ModelConfig, OptimConfig
 from raysemiseg.labels import builtin
