@@ -53,9 +53,9 @@ class StoreDef(StrictModel):
 
     path: str = Field(..., description="image store folder")
     build_from_sample: bool = Field(True, description="build it from the bundled real sample when missing")
-    sample: Literal["voc", "coco"] = Field(
+    sample: Literal["voc", "coco", "coco+voc"] = Field(
         "coco", description="which bundled sample: 'voc' (476 PASCAL VOC 2012 images, VOC reader, boxes "
-                            "derived from the masks) or 'coco' (318 MS-COCO images)")
+                            "derived from the masks), 'coco' (318 MS-COCO images) or 'coco+voc' (both, one store)")
     rebuild: bool = False
 
 
@@ -173,7 +173,7 @@ class ExperimentResult:
 
 # ------------------------------------------------------------------------------------------
 def ensure_store(path: str | Path, label_space: str, rebuild: bool = False,
-                 sample: Literal["voc", "coco"] = "coco") -> Path:
+                 sample: Literal["voc", "coco", "coco+voc"] = "coco") -> Path:
     """Build the image store from a bundled real sample at ``path`` unless that store is there.
 
     Args:
@@ -182,7 +182,9 @@ def ensure_store(path: str | Path, label_space: str, rebuild: bool = False,
         rebuild: rebuild even when the store exists.
         sample: ``"voc"``: ``raysemiseg/sample_data/voc2012-sample`` through the VOC reader (476 rows,
             splits train 326 / val 150, boxes derived from the masks); ``"coco"``: the COCO sample
-            (coco-mini + coco-tiny, 318 rows). A store at ``path`` built from other sources is rebuilt.
+            (coco-mini + coco-tiny, 318 rows); ``"coco+voc"``: both in one store (794 rows; COCO's
+            60 non-VOC classes as TransferNet's source, VOC as its target: use label space coco80).
+            A store at ``path`` built from other sources is rebuilt.
 
     Raises:
         FileNotFoundError: the bundled sample is missing from the installed package.
@@ -193,10 +195,11 @@ def ensure_store(path: str | Path, label_space: str, rebuild: bool = False,
     from raysemiseg.data.store import Source, build_store
 
     p = Path(path)
-    if sample == "voc":
-        sources = [Source("voc", (str(voc_sample_dir()),))]
-    else:
-        sources = [Source("coco", (str(a), str(i))) for a, i in sample_sources()]
+    sources = []
+    if sample in ("coco", "coco+voc"):
+        sources += [Source("coco", (str(a), str(i))) for a, i in sample_sources()]
+    if sample in ("voc", "coco+voc"):
+        sources.append(Source("voc", (str(voc_sample_dir()),)))
     if (p / "store.json").is_file() and not rebuild:
         built_from = [(s["kind"], list(s["paths"])) for s in json.loads((p / "store.json").read_text())["sources"]]
         if built_from == [(s.kind, list(s.paths)) for s in sources]:
