@@ -25,11 +25,12 @@ from raysemiseg.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
-# trained at smoke size: one config per method (CI time); the other WSSL configs differ in E-step
-# parameters and inputs that tests/methods/test_wssl.py covers (Bbox-EM-Fixed, label-store precedence,
-# Cross-Pretrain), and are validated below; dual_branch.yaml trains through a real `ray job submit` below
-TRAINED = [p for p in CONFIGS if p.stem in {"strong_only", "wssl_fixed_semi", "decoupled", "transfernet", "lnet",
-                                            "lnet_pnet"}]
+# trained at smoke size through the job entry point: the multi-stage, two-optimizer-group config
+# (lnet_pnet) and the online-E-step one (wssl_fixed_semi); dual_branch.yaml trains through a real
+# `ray job submit` below. Every method's own training (compute_losses through the loop's train_step) is
+# the learning check's job (tests/methods/test_learning.py, one test per registered method); every config
+# is validated here, method parameters included (CI time: each run through Ray Train costs ~20 s).
+TRAINED = [p for p in CONFIGS if p.stem in {"wssl_fixed_semi", "lnet_pnet"}]
 SUBMITTED = ROOT / "configs" / "methods" / "dual_branch.yaml"
 SMOKE = {"data.crop_size": 64, "data.batch_size": 4, "data.max_train_rows": 24, "data.max_val_rows": 4,
          "data.val_size": 96, "data.shuffle_buffer": 8, "model.backbone": "tiny", "model.pretrained": False,
@@ -48,9 +49,10 @@ def test_every_method_config_validates_and_every_method_has_one() -> None:
         names.add(cfg.method.name)
     seed_methods = {"strong_only", "wssl", "dual_branch", "decoupled", "transfernet", "lnet", "lnet_pnet"}
     assert seed_methods <= names <= set(METHODS)
-    # every method trains: six in-process below, dual_branch through `ray job submit`
+    # two configs train in-process below, dual_branch through `ray job submit`; every method learns in
+    # tests/methods/test_learning.py (its registry parametrization fails for a method without a spec)
     trained = {load_config(p).method.name for p in TRAINED} | {load_config(SUBMITTED).method.name}
-    assert trained == names and len(TRAINED) == 6
+    assert trained == {"wssl", "lnet_pnet", "dual_branch"} and len(TRAINED) == 2
 
 
 @pytest.fixture(scope="module")
