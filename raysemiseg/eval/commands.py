@@ -21,6 +21,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--given-labels", action="store_true",
                    help="predict with each image's given image-level labels (TransferNet-GT; label-conditioned "
                         "methods: transfernet, decoupled)")
+    p.add_argument("--score-space", default=None, metavar="SPACE",
+                   help="score in another label space, e.g. voc21 for a Cross-Joint (VOC + COCO union) checkpoint: "
+                        "predictions and masks mapped by class name, classes without a counterpart -> background")
     p.add_argument("--mlflow-run", default=None, help="also log the report to this MLflow run id")
     p.set_defaults(func=_cmd)
 
@@ -30,7 +33,8 @@ def _cmd(args: argparse.Namespace) -> int:
     from raysemiseg.eval.report import write_report
 
     res = evaluate_checkpoint(args.checkpoint, args.store, args.split, crf=args.crf, num_samples=args.num_overlays,
-                              device=args.device, max_rows=args.max_rows, given_labels=args.given_labels or None)
+                              device=args.device, max_rows=args.max_rows, given_labels=args.given_labels or None,
+                              score_space=args.score_space)
     tag = f"{args.split}{'_crf' if args.crf else ''}{'_given_labels' if args.given_labels else ''}"
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{tag}"
     report = write_report(res, out, title=f"{args.split}{' + CRF' if args.crf else ''}"

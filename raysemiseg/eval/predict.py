@@ -79,7 +79,8 @@ def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int 
 
 def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *, device: str | torch.device = "cpu",
                   val_size: int | None = None, crf: bool = False, num_samples: int = 0,
-                  desc: str = "eval", progress: bool = True, given_labels: bool = False) -> EvalResult:
+                  desc: str = "eval", progress: bool = True, given_labels: bool = False,
+                  score_space: LabelSpace | None = None) -> EvalResult:
     """mIoU of ``method`` over store ``rows`` (a pyarrow Table or a Ray dataset of store rows).
 
     Args:
@@ -90,6 +91,11 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
         num_samples: how many (image, gt, prediction) triples to keep for overlays.
         given_labels: predict with each row's image-level labels (``rows`` needs a ``labels``
             column): TransferNet-GT, DecoupledNet with given labels.
+        score_space: score in another label space: predictions and masks are both mapped with
+            ``label_space.mapping_to(score_space)`` (classes without a counterpart become its
+            background). WSSL Cross-Joint (Papandreou et al. 2015 Sec. 4.5) trains over the
+            VOC + COCO union and is scored on VOC's 21 classes: a pixel predicted as a COCO-only
+            class is a background prediction there. None = the run's own space.
 
     Raises:
         ValueError: ``given_labels`` for a method that is not label-conditioned.
@@ -99,7 +105,9 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
     dev = torch.device(device)
     method.to(dev).eval()
     mean, std = normalisation(method)
-    cm = ConfusionMatrix(label_space.num_classes, label_space.ignore_index, device=dev)
+    scored = score_space or label_space
+    lut = torch.from_numpy(label_space.mapping_to(score_space)) if score_space is not None else None
+    cm = ConfusionMatrix(scored.num_classes, scored.ignore_index, device=dev)
     samples: list[Sample] = []
     n = 0
     t0 = time.perf_counter()
@@ -113,17 +121,20 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
             pred = refine_with_crf(row["image"], logits, label_space.background_id)
         else:
             pred = logits.argmax(0).cpu().numpy()
-        cm.update(torch.from_numpy(np.asarray(pred, np.int64)), torch.from_numpy(row["mask"]))
+        p_t, m_t = torch.from_numpy(np.asarray(pred, np.int64)), torch.from_numpy(np.asarray(row["mask"], np.int64))
+        if lut is not None:
+            p_t, m_t = lut[p_t], lut[m_t]
+        cm.update(p_t, m_t)
         if len(samples) < num_samples:
-            samples.append(Sample(row["image_id"], row["image"], row["mask"], np.asarray(pred, np.int64)))
+            samples.append(Sample(row["image_id"], row["image"], m_t.numpy(), p_t.numpy()))
         n += 1
-    return EvalResult(cm.compute(), label_space, n, time.perf_counter() - t0, crf, samples)
+    return EvalResult(cm.compute(), scored, n, time.perf_counter() - t0, crf, samples)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = "val", *, crf: bool = False,
                         num_samples: int = 6, device: str | None = None, max_rows: int | None = None,
                         val_size: int | None = None, untrained_head: bool = False, progress: bool = True,
-                        given_labels: bool | None = None) -> EvalResult:
+                        given_labels: bool | None = None, score_space: str | LabelSpace | None = None) -> EvalResult:
     """Evaluate a checkpoint directory on a store split.
 
     Args:
@@ -138,6 +149,8 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
         given_labels: predict with each image's given image-level labels instead of the method's
             own classifier (TransferNet-GT, Hong et al. 2016 Sec. 4.3; label-conditioned methods
             only). None = the method's default (its ``use_gt_labels`` parameter).
+        score_space: score in this label space (name, YAML path or LabelSpace; see
+            :func:`evaluate_rows`), e.g. ``"voc21"`` for a Cross-Joint union-space checkpoint.
 
     Raises:
         FileNotFoundError: not a checkpoint or not a store.
@@ -171,4 +184,13 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
         rows = rows.slice(0, max_rows)
     return evaluate_rows(method, rows, space, device=dev, val_size=val_size or cfg.data.val_size, crf=crf,
                          num_samples=num_samples, desc=f"eval {split}" + (" +crf" if crf else ""), progress=progress,
-                         given_labels=method.eval_with_given_labels if given_labels is None else given_labels)
+                         given_labels=method.eval_with_given_labels if given_labels is None else given_labels,
+                         score_space=_space(score_space))
+
+
+def _space(space: str | LabelSpace | None) -> LabelSpace | None:
+    if space is None or isinstance(space, LabelSpace):
+        return space
+    from raysemiseg.labels import load_label_space
+
+    return load_label_space(space)

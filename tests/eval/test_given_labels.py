@@ -90,3 +90,33 @@ def test_transfernet_gt_predicts_only_given_labels_and_other_methods_refuse() ->
     gt = get_method("transfernet")(SPACE, MODEL, TransferNetParams(attention_dim=8, cls_hidden=16, decoder_width=8,
                                                                     use_gt_labels=True))
     assert gt.eval_with_given_labels is True and so.eval_with_given_labels is False
+
+
+def test_cross_joint_is_scored_on_voc21() -> None:
+    """WSSL Cross-Joint (Papandreou et al. 2015 Sec. 4.5) trains over the VOC + COCO union space and
+    reports VOC's 21-class mIoU. A strong_only net whose head predicts the COCO-only class "truck" at
+    every pixel, scored against a 32x64 mask that is background left / person right: in the union
+    space background, person and truck all have IoU 0; with ``score_space=voc21`` a truck pixel is a
+    background prediction, so background IoU = 1024 / (1024 + 1024) = 0.5, person 0, mIoU 0.25."""
+    from raysemiseg.methods.wssl.cross import union_label_space
+
+    union = union_label_space(builtin("coco80"), SPACE)
+    truck = union.index("truck")
+    assert truck >= SPACE.num_classes                  # a COCO-only class, after VOC's ids
+    method = get_method("strong_only")(union, MODEL, get_method("strong_only").Params(head_hidden=8))
+    head = method.head.fc8
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.fill_(-10.0)
+        head.bias[truck] = 10.0                        # every pixel "truck"...
+    img = np.zeros((32, 64, 3), np.uint8)
+    m = np.zeros((32, 64), np.uint8)
+    m[:, 32:] = 15                                     # ...the right half is person
+    rows = pa.table({"image_id": ["x"], "image": [encode_image(img, "png")], "mask": [encode_mask(m)],
+                     "labels": pa.array([[15]], pa.list_(pa.int32()))})
+    own = evaluate_rows(method, rows, union, progress=False)
+    voc = evaluate_rows(method, rows, union, progress=False, score_space=SPACE)
+    assert own.metrics.iou[0] == 0.0 and own.metrics.iou[15] == 0.0 and own.metrics.iou[truck] == 0.0
+    assert voc.label_space.num_classes == 21
+    assert voc.metrics.iou[0] == pytest.approx(0.5) and voc.metrics.iou[15] == 0.0   # truck -> background
+    assert voc.metrics.miou_over([0, 15]) == pytest.approx(0.25)
