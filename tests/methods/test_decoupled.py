@@ -19,7 +19,6 @@ from raysemiseg.methods import Batch, get_method
 from raysemiseg.methods.decoupled import DecoupledNet, DecoupledParams, class_saliency
 from raysemiseg.methods.decoupled.losses import ABSENT_LOGIT, binary_targets, combine_binary_maps, present_pairs
 from raysemiseg.methods.decoupled.model import _ClassifierHead, normalise_saliency
-from raysemiseg.train.loop import build_optimizers, train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE = builtin("voc21")
@@ -95,16 +94,9 @@ def shipped_optim(method_name: str) -> OptimConfig:
 def fit(method, b: Batch, stages: list[tuple[str, int]]) -> dict[str, float]:
     """Train through the method's own optimizer groups, the shared loop's ``train_step`` and the
     recipe of the method's shipped config (the old SGD recipes left both decoders at the prior)."""
-    cfg = shipped_optim(method.name)
-    last: dict[str, float] = {}
-    for stage, steps in stages:
-        method.set_stage(stage)
-        opts = build_optimizers(method, cfg)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        method.train()
-        for _ in range(steps):
-            last = train_step(method, b, opts, scaler, amp=False)
-    return last
+    from conftest import train_stages  # tests/methods/conftest.py
+
+    return train_stages(method, b, stages, shipped_optim(method.name))[1]
 
 
 def test_registered() -> None:

@@ -34,7 +34,7 @@ from raysemiseg.config import ModelConfig, OptimConfig
 from raysemiseg.eval.metrics import ConfusionMatrix
 from raysemiseg.labels import builtin
 from raysemiseg.methods import METHODS, Batch, get_method
-from raysemiseg.train.loop import build_optimizers, train_step
+from conftest import train_stages  # tests/methods/conftest.py
 
 pytestmark = pytest.mark.learning
 
@@ -184,17 +184,7 @@ def test_method_learns_8_real_images(name: str, voc8: dict[str, Any]) -> None:
     batch = _batch(voc8, spec)
     optim = OptimConfig(optimizer="adamw", lr=1e-4, weight_decay=1e-4, amp=False)
     t0 = time.perf_counter()
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    for stage, steps in spec.stages:
-        method.set_stage(stage)
-        optimizers = build_optimizers(method, optim)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        method.train()
-        for s in range(steps):
-            last = train_step(method, batch, optimizers, scaler, amp=False)
-            if not first:
-                first = dict(last)
+    first, last = train_stages(method, batch, spec.stages, optim)
     seconds = time.perf_counter() - t0
     given = voc8["labels"] if spec.given_labels else None
     logits = _predict(method, voc8["images"], given)
