@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -266,12 +265,9 @@ def build_store(sources: Sequence[Source], label_space: LabelSpace | str, out: s
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = progress
     try:
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit), else a fresh local instance
-                ray.init(log_to_driver=False, configure_logging=False)
-            else:
-                ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                         _node_ip_address="127.0.0.1")
+        from raysemiseg.runtime import ensure_ray
+
+        ensure_ray(log_to_driver=False)  # a cluster (ray job submit), else a fresh local instance
         t0 = time.perf_counter()  # build time, Ray start-up excluded
         n_blocks = max(1, math.ceil(len(records) / rows_per_file))
         built = (ray.data.from_items(records, override_num_blocks=n_blocks)

@@ -866,21 +866,6 @@ class RunResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _ensure_ray(num_cpus: int | None) -> None:
-    """Use the running Ray; else connect to ``$RAY_ADDRESS`` (e.g. under ``ray job submit``); else
-    start a local instance (``address="local"``: never attach to some other cluster found on the machine)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    addr = os.environ.get("RAY_ADDRESS")
-    if addr:
-        ray.init(address=addr, log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, _node_ip_address="127.0.0.1")
-
-
 def _prepare_out(out: Path, recipe: Recipe, plan: ShardPlan, overwrite: bool) -> None:
     import shutil
 
@@ -963,7 +948,9 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     stage_sum: dict[str, float] = {}
     if pending:
-        _ensure_ray(num_cpus)
+        from raysemiseg.runtime import ensure_ray
+
+        ensure_ray(num_cpus=num_cpus, log_to_driver=False)
         dctx = DataContext.get_current()
         old_bars = dctx.enable_progress_bars
         dctx.enable_progress_bars = False

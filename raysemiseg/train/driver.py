@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raysemiseg.config import TrainConfig
+from raysemiseg.runtime import ensure_ray  # noqa: F401  (re-exported: the entry points import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +58,6 @@ class TrainResult:
 def local_path(path: str) -> Path | None:
     """``path`` as a local absolute path, or None for URIs (``s3://``, ``gs://``...)."""
     return None if "://" in path and not path.startswith("file://") else Path(path.removeprefix("file://")).resolve()
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to Ray once per process.
-
-    Order: an already initialised Ray; ``$RAY_ADDRESS`` (set by ``ray job submit``) or an
-    explicit ``address``; ``address="auto"`` joins a running cluster when there is one and falls
-    back to local; otherwise a fresh local instance bound to 127.0.0.1 with no dashboard and
-    ``num_cpus`` logical CPUs (default: max(cores, 2)).
-
-    Raises:
-        ConnectionError: an explicit (non-"auto") address could not be reached.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    addr = os.environ.get("RAY_ADDRESS") or address
-    if addr == "auto" and not os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(address="auto", log_to_driver=True)
-            return
-        except ConnectionError:
-            log.info("no running Ray cluster found: starting a local one")
-    elif addr:
-        ray.init(address=addr, log_to_driver=True)
-        return
-    # address="local": a fresh instance even when another Ray runs on this machine (a bare ray.init()
-    # would join that one, e.g. a test cluster, and then refuse num_cpus)
-    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 2), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:

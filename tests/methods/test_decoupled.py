@@ -94,7 +94,7 @@ def shipped_optim(method_name: str) -> OptimConfig:
 def fit(method, b: Batch, stages: list[tuple[str, int]]) -> dict[str, float]:
     """Train through the method's own optimizer groups, the shared loop's ``train_step`` and the
     recipe of the method's shipped config (the old SGD recipes left both decoders at the prior)."""
-    from conftest import train_stages  # tests/methods/conftest.py
+    from stage_training import train_stages  # tests/methods/stage_training.py
 
     return train_stages(method, b, stages, shipped_optim(method.name))[1]
 

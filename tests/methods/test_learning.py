@@ -34,7 +34,7 @@ from raysemiseg.config import ModelConfig, OptimConfig
 from raysemiseg.eval.metrics import ConfusionMatrix
 from raysemiseg.labels import builtin
 from raysemiseg.methods import METHODS, Batch, get_method
-from conftest import train_stages  # tests/methods/conftest.py
+from stage_training import train_stages  # tests/methods/stage_training.py
 
 pytestmark = pytest.mark.learning
 
