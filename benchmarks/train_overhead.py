@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysemiseg.config import load_config
     from raysemiseg.quickstart import ensure_store
-    from raysemiseg.train.driver import ensure_ray, train
+    from raysemiseg.runtime import ensure_ray
+    from raysemiseg.train.driver import train
 
     work = Path(args.workdir).resolve()
     cfg = load_config({

@@ -16,7 +16,8 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 def main(argv: list[str] | None = None) -> int:
     from raysemiseg.config import load_config
     from raysemiseg.quickstart import parse_overrides
-    from raysemiseg.train.driver import ensure_ray, train
+    from raysemiseg.runtime import ensure_ray
+    from raysemiseg.train.driver import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)

@@ -456,7 +456,7 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
     """
     from raysemiseg.eval.predict import evaluate_checkpoint
     from raysemiseg.eval.report import iou_bar_chart, write_report
-    from raysemiseg.train.driver import ensure_ray
+    from raysemiseg.runtime import ensure_ray
     from raysemiseg.tune.tracking import Tracker
 
     plan_experiment(ecfg)  # fail fast on a bad step, before any training

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raysemiseg.config import TrainConfig
-from raysemiseg.runtime import ensure_ray  # noqa: F401  (re-exported: the entry points import it from here)
+from raysemiseg.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 

@@ -218,7 +218,8 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     import ray
     from ray import tune
 
-    from raysemiseg.train.driver import ensure_ray, local_path
+    from raysemiseg.runtime import ensure_ray
+    from raysemiseg.train.driver import local_path
     from raysemiseg.tune.sweep import (
         SweepResult,
         best_row,

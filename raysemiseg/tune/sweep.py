@@ -485,7 +485,8 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raysemiseg.train.driver import ensure_ray, local_path
+    from raysemiseg.runtime import ensure_ray
+    from raysemiseg.train.driver import local_path
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
     sweep, base = load_sweep(path, overrides)
