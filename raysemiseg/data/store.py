@@ -2,7 +2,7 @@
 
 Layout (fixed, see ``schema.py``)::
 
-    STORE/images/part-00000.parquet ...   IMAGE_STORE_SCHEMA, rows in build order
+    STORE/images/part-00000000.parquet ... IMAGE_STORE_SCHEMA, rows in build order
     STORE/quarantine/part-00000.parquet   QUARANTINE_SCHEMA, rows that failed validation
     STORE/store.json                      schema_version, label_space, sources, counts
 
@@ -11,18 +11,25 @@ Build (:func:`build_store`):
 1. the readers list one *record* per source item on the driver (paths + annotations, no pixels);
    records are ordered by source (in the given order) then by image id, and get a sequence
    number; a record whose ``image_id`` was already listed is quarantined as a duplicate here;
-2. ``ray.data.from_items(records)`` -> ``map_batches(_BuildRows)``: each worker fully decodes
+2. duplicates by content, from a cheap first Ray Data pass over the paths only (file bytes are
+   hashed, not decoded): a row whose image file bytes (SHA-256) equal those of an earlier row is
+   quarantined as ``"duplicate: ... identical image bytes to <first image_id>"`` (first in listing
+   order wins). Only the small ``(seq, sha256)`` table is materialized; the duplicated hashes are
+   found with a Ray Data ``groupby("sha256").count()``, so the driver only sees the duplicates;
+3. ``ray.data.from_items(records)`` -> ``map_batches(_build_rows)``: each task fully decodes
    the image, builds the mask in the target label space, validates (missing or corrupt file,
-   mask size, class ids, empty image-level label set) and encodes the row, or returns the
-   quarantine reason;
-3. duplicates by content: a row whose image file bytes (SHA-256) equal those of an earlier row
-   is quarantined as ``"duplicate: ... identical image bytes to <first image_id>"`` (first wins);
-4. kept rows -> ``write_parquet`` with deterministic file names (``part-<task:05>.parquet``) and
-   ``preserve_order``; quarantine rows -> one Parquet file. The store folder's ``images/`` and
+   mask size, class ids, empty image-level label set) and encodes the row, or gives the
+   quarantine reason; kept rows stream straight to ``write_parquet`` (deterministic file names
+   ``part-<task:08>.parquet``, sorting right past 99,999 files, and ``preserve_order``): nothing
+   is pinned in the object store;
+4. the quarantine table: the listing and duplicate reasons are known on the driver; the rows the
+   build pass refused are the listed rows missing from ``images/`` (an ``image_id`` column read),
+   re-validated in a small second Ray pass for their reasons. The store folder's ``images/`` and
    ``quarantine/`` are replaced on rebuild, so a rerun over the same inputs gives the same rows
    and files.
 
-Invariant, checked before ``store.json`` is written: rows read = rows written + rows quarantined.
+Invariant, checked before ``store.json`` is written: rows read = rows written + rows quarantined
+(duplicates included in the quarantined rows, also counted apart in ``store.json``).
 """
 
 from __future__ import annotations
@@ -139,8 +146,9 @@ def build_row(record: dict[str, Any], space: LabelSpace) -> dict[str, Any]:
     row.update(seq=record["seq"], image=None, image_format=None, mask=None, labels=[], boxes=[],
                height=None, width=None, sha256=None, q_path=record.get("image_path", ""), q_stage="",
                q_reason="")
-    if record.get("q_reason"):
-        row.update(q_reason=record["q_reason"], q_path=record.get("image_path", ""), q_stage="read")
+    if record.get("q_reason"):  # quarantined before the build (listed twice, duplicate bytes)
+        row.update(q_reason=record["q_reason"], q_path=record.get("image_path", ""),
+                   q_stage=record.get("q_stage") or "read")
         return row
     try:
         data, fmt, h, w, sha = load_image(record["image_path"])
@@ -169,15 +177,76 @@ def _build_rows(batch: pa.Table, space: dict[str, Any]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_BUILD_SCHEMA)
 
 
-def _select_kept(batch: pa.Table, dups: dict[int, str]) -> pa.Table:
-    seq = batch.column("seq").to_numpy()
-    keep = pa.array([(r == "" and int(s) not in dups) for r, s in
-                     zip(batch.column("q_reason").to_pylist(), seq)])
-    return batch.filter(keep).select(IMAGE_STORE_SCHEMA.names).cast(IMAGE_STORE_SCHEMA)
+def _keep_built(batch: pa.Table) -> pa.Table:
+    """Ray Data batch function: build rows that passed validation, as ``IMAGE_STORE_SCHEMA`` rows."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch.column("q_reason"), "")).select(IMAGE_STORE_SCHEMA.names).cast(IMAGE_STORE_SCHEMA)
+
+
+def _hash_files(batch: pa.Table) -> pa.Table:
+    """Ray Data batch function: ``(seq, sha256)`` of each record's image file bytes.
+
+    ``sha256`` is null for records already quarantined at listing time and for files that cannot
+    be read (the build pass names that problem).
+    """
+    import hashlib
+
+    shas = []
+    for path, reason in zip(batch.column("image_path").to_pylist(), batch.column("q_reason").to_pylist()):
+        sha = None
+        if not reason:
+            try:
+                with open(path, "rb") as f:
+                    sha = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError:
+                sha = None
+        shas.append(sha)
+    return pa.table({"seq": batch.column("seq"), "sha256": pa.array(shas, pa.string())})
+
+
+def find_duplicates(hashes: Any, image_ids: Sequence[str]) -> dict[int, str]:
+    """Records whose image bytes repeat those of an earlier record (the first in ``seq`` wins).
+
+    Args:
+        hashes: a ``ray.data.Dataset`` with columns ``seq`` (int, the record's index in
+            ``image_ids``) and ``sha256`` (hex str or null), e.g. from :func:`_hash_files`.
+        image_ids: image id of each record, by ``seq``.
+
+    Returns:
+        ``{seq: quarantine reason}`` of every later copy. Only duplicated hashes reach the driver:
+        they are found with ``groupby("sha256").count()`` on Ray.
+    """
+    from ray.data.expressions import col, lit
+
+    hashed = hashes.filter(expr=col("sha256").is_not_null())
+    counts = hashed.groupby("sha256").count()
+    count_col = [c for c in counts.schema().names if c != "sha256"][0]
+    repeated = [r["sha256"] for r in counts.filter(expr=col(count_col) > lit(1)).take_all()]
+    if not repeated:
+        return {}
+    rows = sorted((r["seq"], r["sha256"]) for r in hashed.filter(expr=col("sha256").is_in(repeated)).take_all())
+    first: dict[str, str] = {}
+    out: dict[int, str] = {}
+    for seq, sha in rows:
+        if sha in first:
+            out[int(seq)] = (f"duplicate: {image_ids[seq]} has identical image bytes to {first[sha]} "
+                             f"(sha256 {sha[:12]}); the first is kept")
+        else:
+            first[sha] = image_ids[seq]
+    return out
+
+
+def part_name(index: int) -> str:
+    """File name of image-store part ``index``: ``part-00000042.parquet`` (sorts in index order)."""
+    return f"part-{index:08d}.parquet"
 
 
 class _PartNames:
-    """Deterministic Parquet file names ``part-<task:05>.parquet`` (see Ray's FilenameProvider)."""
+    """Deterministic Parquet file names ``part-<task:08>.parquet`` (see Ray's FilenameProvider).
+
+    Eight digits: names sort in task order up to 10**8 files (``ROWS_PER_FILE`` rows each).
+    """
 
     def __new__(cls):  # built lazily so importing this module does not import ray.data
         from ray.data.datasource import FilenameProvider
@@ -187,7 +256,7 @@ class _PartNames:
                 super().__init__(file_format="parquet")
 
             def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-                return f"part-{task_index:05d}.parquet"
+                return part_name(task_index)
 
         return PartNames()
 
@@ -257,8 +326,10 @@ def build_store(sources: Sequence[Source], label_space: LabelSpace | str, out: s
         r["q_reason"] = "" if first == i else (
             f"duplicate: image_id {r['image_id']} listed again (by {r['source']}); the first "
             f"occurrence (from {records[first]['source']}) is kept")
+        r["q_stage"] = "read" if r["q_reason"] else ""
         for k in ("mask_path", "payload", "provenance"):
             r.setdefault(k, "")
+    del seen
     _prepare_out(out)
     ctx = DataContext.get_current()
     old_order, old_bars = ctx.execution_options.preserve_order, ctx.enable_progress_bars
@@ -270,41 +341,48 @@ def build_store(sources: Sequence[Source], label_space: LabelSpace | str, out: s
         ensure_ray(log_to_driver=False)  # a cluster (ray job submit), else a fresh local instance
         t0 = time.perf_counter()  # build time, Ray start-up excluded
         n_blocks = max(1, math.ceil(len(records) / rows_per_file))
-        built = (ray.data.from_items(records, override_num_blocks=n_blocks)
-                 .map_batches(_build_rows, fn_kwargs={"space": space_to_manifest(space)},
-                              batch_format="pyarrow", batch_size=None)
-                 .materialize())
-        meta = built.select_columns(["seq", "image_id", "sha256", "q_reason", "q_path", "q_stage",
-                                     "source"]).to_arrow_refs()
-        meta_t = pa.concat_tables(ray.get(meta)).sort_by("seq")
-        dups: dict[int, str] = {}
-        first_by_sha: dict[str, str] = {}
-        for s, iid, sha, reason in zip(*(meta_t.column(c).to_pylist() for c in ("seq", "image_id", "sha256", "q_reason"))):
-            if reason or sha is None:
-                continue
-            if sha in first_by_sha:  # first wins; the later copy is quarantined
-                dups[s] = (f"duplicate: {iid} has identical image bytes to {first_by_sha[sha]} "
-                           f"(sha256 {sha[:12]}); the first is kept")
-            else:
-                first_by_sha[sha] = iid
-        kept = built.map_batches(_select_kept, fn_kwargs={"dups": dups}, batch_format="pyarrow",
-                                 batch_size=None)
-        kept.write_parquet(str(out / "images"), filename_provider=_PartNames(),
-                           mode=ray.data.SaveMode.OVERWRITE)
+        # pass 1: hash the image files' bytes (no decode); only (seq, sha256) is materialized
+        paths = [{"seq": r["seq"], "image_path": r.get("image_path", ""), "q_reason": r["q_reason"]} for r in records]
+        hashes = (ray.data.from_items(paths, override_num_blocks=n_blocks)
+                  .map_batches(_hash_files, batch_format="pyarrow", batch_size=None).materialize())
+        del paths
+        dups = find_duplicates(hashes, [r["image_id"] for r in records])
+        del hashes
+        for seq, reason in dups.items():
+            records[seq].update(q_reason=reason, q_stage="validate")
+        # pass 2: decode, validate, encode; the kept rows stream to Parquet
+        space_kw = {"space": space_to_manifest(space)}
+        (ray.data.from_items(records, override_num_blocks=n_blocks)
+         .map_batches(_build_rows, fn_kwargs=space_kw, batch_format="pyarrow", batch_size=None)
+         .map_batches(_keep_built, batch_format="pyarrow", batch_size=None)
+         .write_parquet(str(out / "images"), filename_provider=_PartNames(), mode=ray.data.SaveMode.OVERWRITE))
+        # pass 3: the reasons of the rows pass 2 refused (listed rows missing from images/)
+        files = sorted((out / "images").glob("*.parquet"))
+        written_ids = set(pq.ParquetDataset(files).read(columns=["image_id"]).column("image_id").to_pylist()) \
+            if files else set()
+        refused = [r for r in records if not r["q_reason"] and r["image_id"] not in written_ids]
+        refused_q: list[dict[str, Any]] = []
+        if refused:
+            refused_q = (ray.data.from_items(refused, override_num_blocks=max(1, math.ceil(len(refused) / rows_per_file)))
+                         .map_batches(_build_rows, fn_kwargs=space_kw, batch_format="pyarrow", batch_size=None)
+                         .select_columns(["seq", "image_id", "source", "q_path", "q_stage", "q_reason"]).take_all())
+        written = len(written_ids)
+        del written_ids
     finally:
         ctx.execution_options.preserve_order = old_order
         ctx.enable_progress_bars = old_bars
     q_rows = []
-    for row in meta_t.to_pylist():
-        reason = row["q_reason"] or dups.get(row["seq"], "")
-        if reason:
-            q_rows.append({"image_id": row["image_id"], "source": row["source"],
-                           "path": row["q_path"] or "", "stage": row["q_stage"] or "validate",
-                           "reason": reason})
+    listed = ({"seq": r["seq"], "image_id": r["image_id"], "source": r["source"], "q_path": r.get("image_path", ""),
+               "q_stage": r["q_stage"], "q_reason": r["q_reason"]} for r in records if r["q_reason"])
+    for row in sorted([*listed, *refused_q], key=lambda row: row["seq"]):
+        if not row["q_reason"]:
+            raise ValueError(f"store {out}: row {row['image_id']} was not written, yet validates on a second "
+                             "pass (a file changed during the build?); rebuild")
+        q_rows.append({"image_id": row["image_id"], "source": row["source"], "path": row["q_path"] or "",
+                       "stage": row["q_stage"] or "validate", "reason": row["q_reason"]})
     (out / "quarantine").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(q_rows, schema=QUARANTINE_SCHEMA),
                    out / "quarantine" / "part-00000.parquet")
-    written = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted((out / "images").glob("*.parquet")))
     read, quarantined = len(records), len(q_rows)
     if read != written + quarantined:
         raise ValueError(f"store {out}: rows read {read} != written {written} + quarantined {quarantined}")
@@ -313,6 +391,8 @@ def build_store(sources: Sequence[Source], label_space: LabelSpace | str, out: s
         "label_space": space_to_manifest(space),
         "sources": per_source,
         "counts": {"read": read, "written": written, "quarantined": quarantined},
+        "duplicates": {"by_content": len(dups), "by_image_id": sum(1 for r in q_rows if r["stage"] == "read"
+                                                                    and r["reason"].startswith("duplicate:"))},
     }
     (out / "store.json").write_text(json.dumps(manifest, indent=1))
     return BuildResult(out, read, written, quarantined, time.perf_counter() - t0)
@@ -354,51 +434,66 @@ class ImageStore:
 
     def read_table(self, columns: Sequence[str] | None = None,
                    filter_split: str | Iterable[str] | None = None) -> pa.Table:
-        """All rows (in store order) as one table.
+        """All rows (in store order) as one table, on this process: for small stores and tools.
+
+        Training and evaluation at scale use :meth:`dataset` (Ray Data, streamed).
 
         Args:
             columns: subset of ``IMAGE_STORE_SCHEMA`` names (default all).
-            filter_split: keep rows whose ``split`` equals this value (or is in these values).
+            filter_split: keep rows whose ``split`` equals this value (or is in these values);
+                pushed down into the Parquet scan (``pq.read_table(filters=...)``: row groups of
+                other splits are skipped by their statistics, the rest filtered while reading).
         """
-        cols = list(columns) if columns is not None else None
-        read_cols = cols if cols is None or filter_split is None or "split" in cols else cols + ["split"]
-        parts = [pq.read_table(p, columns=read_cols, schema=IMAGE_STORE_SCHEMA) for p in self.files]
-        t = pa.concat_tables(parts) if parts else IMAGE_STORE_SCHEMA.empty_table().select(read_cols or IMAGE_STORE_SCHEMA.names)
+        cols = list(columns) if columns is not None else IMAGE_STORE_SCHEMA.names
+        files = self.files
+        if not files:
+            return IMAGE_STORE_SCHEMA.empty_table().select(cols)
+        filters = None
         if filter_split is not None:
-            want = {filter_split} if isinstance(filter_split, str) else set(filter_split)
-            t = t.filter(pa.array([s in want for s in t.column("split").to_pylist()], type=pa.bool_()))
-            if cols is not None:
-                t = t.select(cols)
-        return t
+            want = [filter_split] if isinstance(filter_split, str) else sorted(set(filter_split))
+            filters = [("split", "in", want)]
+        return pq.read_table([str(p) for p in files], columns=cols, filters=filters, schema=IMAGE_STORE_SCHEMA)
 
     def read_quarantine(self) -> pa.Table:
         """The quarantine table (``QUARANTINE_SCHEMA``)."""
         parts = [pq.read_table(p, schema=QUARANTINE_SCHEMA) for p in sorted(self.quarantine_dir.glob("*.parquet"))]
         return pa.concat_tables(parts) if parts else QUARANTINE_SCHEMA.empty_table()
 
-    def dataset(self, columns: Sequence[str] | None = None, filter_split: str | Iterable[str] | None = None):
-        """The rows as a ``ray.data.Dataset`` (one block per file, store order).
+    def dataset(self, columns: Sequence[str] | None = None, filter_split: str | Iterable[str] | None = None,
+                shuffle_seed: int | None = None, where: Any = None):
+        """The rows as a streamed ``ray.data.Dataset`` (store order unless shuffled).
 
-        ``filter_split`` keeps rows whose split is this value (or in these values).
+        Column projection and the row filters are pushed down into Ray Data's Parquet scan
+        (``select_columns`` / ``filter(expr=...)`` right after ``read_parquet``), so the driver
+        reads nothing and the read tasks decode only the columns and rows asked for.
+
+        Args:
+            columns: subset of ``IMAGE_STORE_SCHEMA`` names (default all).
+            filter_split: keep rows whose split is this value (or in these values).
+            shuffle_seed: randomise the file order at every execution (every pass over the
+                dataset) with ``read_parquet(shuffle=FileShuffleConfig(seed, reseed_after_execution))``:
+                pass ``e`` of a run seeded ``s`` gets its own reproducible file order. None = store order.
+            where: an extra Ray Data predicate expression (``ray.data.expressions``), e.g.
+                ``col("supervision") == lit("pixel")``, also pushed down.
         """
         import ray
+        from ray.data import FileShuffleConfig
+        from ray.data.expressions import col, lit
 
-        ds = ray.data.read_parquet([str(p) for p in self.files])
-        cols = list(columns) if columns is not None else None
+        shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=int(shuffle_seed),
+                                                                      reseed_after_execution=True)
+        ds = ray.data.read_parquet([str(p) for p in self.files], shuffle=shuffle, schema=IMAGE_STORE_SCHEMA)
+        pred = None
         if filter_split is not None:
             want = sorted({filter_split} if isinstance(filter_split, str) else set(filter_split))
-            if cols is not None:
-                ds = ds.select_columns(sorted(set(cols) | {"split"}))
-            ds = ds.map_batches(_keep_splits, fn_kwargs={"want": want}, batch_format="pyarrow", batch_size=None)
-        if cols is not None:
-            ds = ds.select_columns(cols)
+            pred = col("split") == lit(want[0]) if len(want) == 1 else col("split").is_in(want)
+        if where is not None:
+            pred = where if pred is None else pred & where
+        if pred is not None:
+            ds = ds.filter(expr=pred)
+        if columns is not None:
+            ds = ds.select_columns(list(columns))
         return ds
-
-
-def _keep_splits(batch: pa.Table, want: list[str]) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.is_in(batch.column("split"), value_set=pa.array(want, type=pa.string())))
 
 
 def open_store(path: str | Path) -> ImageStore:

@@ -296,8 +296,8 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
     """Validation mIoU with the shared confusion matrix, reduced over all workers.
 
     Args:
-        rows: the worker's validation iterator (every worker sees all rows; worker ``r`` scores
-            rows ``i % world == r``, so each row counts once).
+        rows: the worker's validation shard (``streaming_split(equal=False)``: every row is in
+            exactly one worker's shard, so each row counts once), or any rows for one process.
         given_labels: predict with each row's image-level labels (label-conditioned methods;
             the rows need a ``labels`` column).
 
@@ -305,9 +305,8 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
         :class:`~raysemiseg.eval.metrics.SegMetrics` over all workers' rows.
     """
     method.eval()
-    rank, world = _world()
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
-    for row in iter_val_rows(rows, rank, world):
+    for row in iter_val_rows(rows):
         if row["mask"] is None:
             continue
         pred = predict_logits(method, row["image"], mean, std, device, val_size, amp,
@@ -406,7 +405,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = ["train"] if cfg.data.strong_fraction is None else [
         n for n in ("train_strong", "train_weak") if n in config["pools"]]
     sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
-                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
+                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank,
+                           start_step=global_step, shard_rows={n: r // ctx.get_world_size()
+                                                               for n, r in config.get("pool_rows", {}).items()})
     val_shard = ray.train.get_dataset_shard("val")
     num_nodes = count_nodes(device)
 
