@@ -383,6 +383,8 @@ def _run_labels(ld: LabelsDef, env: dict[str, str], out: Path, num_cpus: int | N
     ckpt = substitute(ld.checkpoint, env) if ld.checkpoint else None
     stage_ckpts = substitute(ld.stage_checkpoints, env) or None
     t = time.perf_counter()
+    # overwrite replaces a store only when its resume key differs (recipe, rows, or the SHA-256 of a
+    # checkpoint, e.g. a retrained {prev}); a rerun with the same key keeps every committed shard
     res = run_pipeline(recipe, env["store"], out, checkpoint=ckpt, stage_checkpoints=stage_ckpts,
                        overwrite=True, num_cpus=num_cpus)
     _say(f"  labels {ld.name} ({recipe.name}) -> {out}: {res.rows_in} rows in = {res.written} written + "

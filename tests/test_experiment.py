@@ -144,11 +144,20 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
     assert sorted(r.info.run_name for r in kids) == ["t-decoupled-classify", "t-decoupled-segment",
                                                       "t-dual-branch-train", "t-strong-only-train"]
     assert parents[0].data.metrics["dual-branch/miou"] == pytest.approx(res.arms[1].eval.metrics.miou)
-    # rerun: every step is skipped, same checkpoints
+    # rerun: every step is skipped, same checkpoints, and the finished label shards are kept (same
+    # files: inode and mtime unchanged), not deleted and regenerated
+    def shard_files() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+                for p in (work / "labels" / "bbox" / "shards").glob("shard-*.parquet")}
+
+    before = shard_files()
+    assert len(before) == 2
     capsys.readouterr()
     res2 = run_experiment(cfg)
     assert [a.checkpoint for a in res2.arms] == [a.checkpoint for a in res.arms]
-    assert capsys.readouterr().out.count(": done earlier (") == 4
+    assert shard_files() == before
+    out2 = capsys.readouterr().out
+    assert out2.count(": done earlier (") == 4 and "shards 0 run, 2 done earlier" in out2
     # a finished step whose config changed is not silently reused
     changed = cfg.model_copy(update={"set": {"optim": {"steps_per_epoch": 2, "lr": 0.02}}})
     with pytest.raises(ValueError, match="t-strong-only-train: its config changed"):

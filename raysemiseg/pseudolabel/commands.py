@@ -3,7 +3,7 @@
 ::
 
     raysemiseg pseudolabel RECIPE.yaml --store STORE --out LABELS [--checkpoint CKPT] [--stage-checkpoint STAGE=DIR] [--overwrite]
-                           [--num-cpus N] [--max-rows N] [--rows-per-shard N] [--no-progress]
+                           [--gpus-per-model-actor G] [--model-actors MIN MAX] [--num-cpus N] [--max-rows N] [--rows-per-shard N] [--no-progress]
     raysemiseg pseudolabel report LABELS [LABELS ...] --store STORE [--out DIR] [--overlays N] [--mlflow]
 """
 
@@ -29,7 +29,13 @@ def register(subparsers: Any) -> None:
     g.add_argument("--checkpoint", default=None, help="training checkpoint directory for model stages")
     g.add_argument("--stage-checkpoint", action="append", default=[], metavar="STAGE=DIR",
                    help="checkpoint of one model stage, e.g. lnet_map=runs/lnet/checkpoint_X (repeatable)")
-    g.add_argument("--overwrite", action="store_true", help="replace a label store of another recipe/store state")
+    g.add_argument("--overwrite", action="store_true",
+                   help="relabel everything when --out holds labels of another recipe, row selection or checkpoint "
+                        "(without it such a run is refused); labels of the same ones are kept either way")
+    g.add_argument("--gpus-per-model-actor", type=float, default=None,
+                   help="GPUs each model stage actor asks for (overrides the recipe; 0 = CPU)")
+    g.add_argument("--model-actors", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="autoscaling actor pool size of each model stage (overrides the recipe)")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance if one is started")
     g.add_argument("--max-rows", type=int, default=None, help="label only the first N selected rows (smoke runs)")
     g.add_argument("--rows-per-shard", type=int, default=None, help="override the recipe's rows_per_shard")
@@ -82,6 +88,10 @@ def _run(a: argparse.Namespace) -> int:
         over["rows_per_shard"] = a.rows_per_shard
     if a.splits:
         over["splits"] = a.splits
+    if a.gpus_per_model_actor is not None:
+        over["gpus_per_model_actor"] = a.gpus_per_model_actor
+    if a.model_actors is not None:
+        over["model_actors"] = tuple(a.model_actors)
     recipe = load_recipe(a.recipe, over)
     r = run_pipeline(recipe, a.store, a.out, checkpoint=a.checkpoint, overwrite=a.overwrite, num_cpus=a.num_cpus,
                      progress=not a.no_progress, stage_checkpoints=parse_stage_checkpoints(a.stage_checkpoint) or None)

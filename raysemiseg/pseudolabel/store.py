@@ -2,16 +2,22 @@
 
 Layout (fixed, COMMON.md)::
 
-    LABELS/shards/shard-00000.parquet       LABEL_STORE_SCHEMA, one row per (image, recipe)
-    LABELS/quarantine/shard-00000.parquet   QUARANTINE_SCHEMA, images a stage refused, with the reason
-    LABELS/manifest.json                    recipe, provenance, sharding, counts, per-stage timings
+    LABELS/shards/shard-00000000.parquet       LABEL_STORE_SCHEMA, one row per (image, recipe)
+    LABELS/quarantine/shard-00000000.parquet   QUARANTINE_SCHEMA, images a stage refused, with the
+                                               reason (only for shards that quarantined a row)
+    LABELS/manifest.json                       recipe, resume key, provenance, sharding, counts, timings
+
+Shard indices are zero-padded to 8 digits (names sort in shard order up to 10^8 shards; readers
+parse the index, so stores written with 5 digits read the same). The manifest holds no per-shard
+map: the committed label files are the truth (:func:`committed_shards`).
 
 Integrity rules:
 
-* a shard is committed by writing its quarantine file, then its label file, each to a hidden
-  temporary name in the same folder followed by ``os.replace`` (atomic on POSIX), so a shard's
-  label file exists only when the shard is complete; a killed run leaves at most temporary files,
-  which the next run removes;
+* a shard is committed (by the Ray worker that made it) by writing its quarantine file (when it
+  has quarantined rows), then its label file, each to a hidden temporary name unique to the
+  writer in the same folder followed by ``os.replace`` (atomic on POSIX), so a shard's label file
+  exists only when the shard is complete and a retried task rewrites identical content; a killed
+  run leaves at most temporary files, which the next run removes;
 * shard k always holds the same rows (the pipeline's sharding is a pure function of the image store
   and the recipe's row selection), so a rerun that skips committed shards ends with exactly the rows
   of an uninterrupted run;
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +38,7 @@ import pyarrow.parquet as pq
 
 from raysemiseg.data.schema import LABEL_STORE_SCHEMA, QUARANTINE_SCHEMA
 
-__all__ = ["LabelStore", "clean_partial", "committed_shards", "open_label_store", "shard_name",
+__all__ = ["LabelStore", "clean_partial", "committed_shards", "open_label_store", "shard_index", "shard_name",
            "write_manifest", "write_shard"]
 
 MANIFEST = "manifest.json"
@@ -39,18 +46,23 @@ LABEL_STORE_VERSION = 1
 
 
 def shard_name(k: int) -> str:
-    """File name of shard ``k`` (``shard-00007.parquet``)."""
-    return f"shard-{k:05d}.parquet"
+    """File name of shard ``k`` (``shard-00000007.parquet``)."""
+    return f"shard-{k:08d}.parquet"
+
+
+def shard_index(path: str | Path) -> int:
+    """The shard index of a shard file name (any zero padding)."""
+    return int(Path(path).stem.split("-")[1])
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
 def write_shard(root: str | Path, k: int, rows: pa.Table, quarantine: pa.Table) -> None:
-    """Commit shard ``k``: quarantine file first, label file last (each atomic).
+    """Commit shard ``k``: quarantine file first (only when it has rows), label file last (each atomic).
 
     Args:
         root: the label store folder.
@@ -68,14 +80,15 @@ def write_shard(root: str | Path, k: int, rows: pa.Table, quarantine: pa.Table) 
         raise ValueError(f"shard {k}: quarantine rows do not have QUARANTINE_SCHEMA: {quarantine.schema}")
     (root / "shards").mkdir(parents=True, exist_ok=True)
     (root / "quarantine").mkdir(parents=True, exist_ok=True)
-    _atomic_write_table(quarantine.replace_schema_metadata(QUARANTINE_SCHEMA.metadata),
-                        root / "quarantine" / shard_name(k))
+    if quarantine.num_rows:
+        _atomic_write_table(quarantine.replace_schema_metadata(QUARANTINE_SCHEMA.metadata),
+                            root / "quarantine" / shard_name(k))
     _atomic_write_table(rows.replace_schema_metadata(LABEL_STORE_SCHEMA.metadata), root / "shards" / shard_name(k))
 
 
 def committed_shards(root: str | Path) -> set[int]:
     """Indices of the shards whose label file exists (complete shards)."""
-    return {int(p.stem.split("-")[1]) for p in Path(root, "shards").glob("shard-*.parquet")}
+    return {shard_index(p) for p in Path(root, "shards").glob("shard-*.parquet")}
 
 
 def clean_partial(root: str | Path) -> list[Path]:
@@ -92,7 +105,7 @@ def clean_partial(root: str | Path) -> list[Path]:
             p.unlink()
             removed.append(p)
     for p in sorted((root / "quarantine").glob("shard-*.parquet")):
-        if int(p.stem.split("-")[1]) not in done:
+        if shard_index(p) not in done:
             p.unlink()
             removed.append(p)
     return removed
@@ -102,7 +115,7 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically."""
     path = Path(root) / MANIFEST
     tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))  # O(1) in the number of shards
     os.replace(tmp, path)
 
 
@@ -133,7 +146,7 @@ class LabelStore:
 
     @property
     def files(self) -> list[Path]:
-        return sorted((self.path / "shards").glob("shard-*.parquet"))
+        return sorted((self.path / "shards").glob("shard-*.parquet"), key=shard_index)
 
     def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """All label rows (shard order) as one ``LABEL_STORE_SCHEMA`` table (or the given columns)."""
@@ -144,8 +157,9 @@ class LabelStore:
     def read_quarantine(self) -> pa.Table:
         """All quarantine rows of committed shards."""
         done = committed_shards(self.path)
-        parts = [pq.read_table(p, schema=QUARANTINE_SCHEMA) for p in sorted((self.path / "quarantine").glob("shard-*.parquet"))
-                 if int(p.stem.split("-")[1]) in done]
+        parts = [pq.read_table(p, schema=QUARANTINE_SCHEMA)
+                 for p in sorted((self.path / "quarantine").glob("shard-*.parquet"), key=shard_index)
+                 if shard_index(p) in done]
         return pa.concat_tables(parts) if parts else QUARANTINE_SCHEMA.empty_table()
 
     def masks(self) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from raysemiseg.data.schema import IMAGE_STORE_SCHEMA, decode_mask, encode_image
 from raysemiseg.data.store import open_store, space_to_manifest
 from raysemiseg.labels import builtin
 from raysemiseg.pseudolabel.bbox import bbox_rect
-from raysemiseg.pseudolabel.pipeline import FAULT_ENV, load_recipe, run_pipeline
+from raysemiseg.pseudolabel.pipeline import checkpoint_hash, load_recipe, run_pipeline, run_serial
 from raysemiseg.pseudolabel.store import committed_shards, open_label_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,23 +99,35 @@ def test_quarantine_rows_in_equals_out_plus_quarantined(ray_session, tmp_path: P
     assert (tmp_path / "report" / "bbox_rect_overlays.png").is_file()
 
 
+_KILL_AFTER_FIRST_SHARD = """
+import os, signal, sys
+from raysemiseg.pseudolabel.pipeline import checkpoint_hash, load_recipe, run_pipeline, run_serial
+recipe = load_recipe(sys.argv[1], {"max_rows": 18, "rows_per_shard": 3})
+run_pipeline(recipe, sys.argv[2], sys.argv[3], num_cpus=2, progress=False,
+             on_shard=lambda k: os.kill(os.getpid(), signal.SIGKILL))   # the driver dies at its first commit
+"""
+
+
 def test_killed_run_then_rerun_matches_uninterrupted(sample_store: Path, tmp_path: Path) -> None:
-    args = ["--max-rows", "18", "--rows-per-shard", "6", "--no-progress"]
+    """The driver is SIGKILLed when it learns of its first committed shard (the fault is injected
+    from here, through ``on_shard``); workers write shards, so a few more may land before the local
+    cluster goes down with the driver, never a torn one. The rerun commits the rest and equals an
+    uninterrupted run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env[FAULT_ENV] = "1"
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "raysemiseg.cli", "pseudolabel", str(RECIPES / "bbox_seg.yaml"),
-           "--store", str(sample_store), "--out", str(killed), "--num-cpus", "2", *args]
+    cmd = [sys.executable, "-c", _KILL_AFTER_FIRST_SHARD, str(RECIPES / "bbox_seg.yaml"), str(sample_store), str(killed)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]          # SIGKILLed right after the first commit
-    assert len(committed_shards(killed)) == 1
-    (killed / "shards" / ".shard-00001.parquet.tmp").write_bytes(b"partial write")   # a torn write
-    recipe = load_recipe(RECIPES / "bbox_seg.yaml", {"max_rows": 18, "rows_per_shard": 6})
+    first = committed_shards(killed)
+    assert 1 <= len(first) <= 6
+    assert not open_label_store(killed).complete
+    (killed / "shards" / ".shard-00000005.parquet.0123.tmp").write_bytes(b"partial write")   # a torn write
+    recipe = load_recipe(RECIPES / "bbox_seg.yaml", {"max_rows": 18, "rows_per_shard": 3})
     resumed = run_pipeline(recipe, sample_store, killed, progress=False)
-    assert (resumed.shards_run, resumed.shards_skipped) == (2, 1)
+    assert (resumed.shards_run, resumed.shards_skipped) == (6 - len(first), len(first))
     assert not list((killed / "shards").glob(".*.tmp"))
     full = run_pipeline(recipe, sample_store, tmp_path / "full", progress=False)
-    assert (full.rows_in, full.written + full.quarantined, full.shards_run) == (18, 18, 3)
+    assert (full.rows_in, full.written + full.quarantined, full.shards_run) == (18, 18, 6)
     a, b = _rows(killed), _rows(tmp_path / "full")
     assert len(a) + resumed.quarantined == 18 and list(a) == list(b)       # same rows, same order, no dups
     assert all(a[k] == b[k] for k in a)                                     # identical masks
@@ -158,32 +170,186 @@ def test_model_recipes_end_to_end(sample_store: Path, tmp_path: Path, recipe_nam
         run_pipeline(recipe, sample_store, tmp_path / "nockpt", progress=False)
 
 
-def test_task_unit_smaller_than_shard_gives_the_uninterrupted_rows(sample_store: Path, tmp_path: Path) -> None:
-    """rows_per_shard > rows per task: a shard's rows arrive in several Ray Data blocks (tasks) and are
-    committed once all arrived; the store equals a run with one block per shard, row for row, and the
-    chain execution (one task does everything) equals the staged one (read, then CPU-stage tasks)."""
-    from raysemiseg.pseudolabel.pipeline import auto_rows_per_task, plan_shards, task_items
+def test_chain_and_staged_write_the_same_shards(sample_store: Path, tmp_path: Path) -> None:
+    """Both executions run the same steps: the chain (one task per shard does everything) equals the
+    staged graph (read task, then CPU-stage tasks, the last one writing), row for row; a shard is
+    one Ray Data row, so each shard file holds its planned rows in store order."""
+    from raysemiseg.pseudolabel.pipeline import plan_shards
 
-    one = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "rows_per_task": 6,
-                                                   "execution": "staged"})
-    many = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 6, "batch_size": 1,
-                                                    "rows_per_task": 2, "execution": "chain"})
-    # neither the task unit nor the execution path is part of the output's identity
-    assert one.digest() == many.digest()
-    plan = plan_shards(open_store(sample_store), many)
-    items = task_items(plan, [0, 1], 2)
-    assert [it["shard"] for it in items] == [0, 0, 0, 1, 1, 1]            # 3 blocks per shard, never across
-    assert [r for it in items[:3] for r in zip(it["file_idx"], it["row_idx"])] == plan.shards[0]
-    # auto: ~4 blocks per CPU, a multiple of batch_size, within [batch_size, rows_per_shard]
-    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 1}), 96, 2) == 12
-    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 4}), 96, 2) == 12
-    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 8, "batch_size": 4}), 96, 2) == 8
-    assert auto_rows_per_task(load_recipe(RECIPES / "bbox_rect.yaml", {"rows_per_shard": 32, "batch_size": 4}), 5, 2) == 4
-    a = run_pipeline(one, sample_store, tmp_path / "one", progress=False)
-    b = run_pipeline(many, sample_store, tmp_path / "many", progress=False)
-    assert (a.rows_in, a.shards_total, a.written + a.quarantined) == (12, 2, 12)
-    assert (b.rows_in, b.shards_total, b.written + b.quarantined) == (12, 2, 12)
-    ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "many")
+    staged = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 5, "execution": "staged"})
+    chain = load_recipe(RECIPES / "bbox_rect.yaml", {"max_rows": 12, "rows_per_shard": 5, "execution": "chain"})
+    assert staged.digest() == chain.digest()       # the execution path is not part of the output's identity
+    plan = plan_shards(open_store(sample_store), chain)
+    assert [len(ids) for ids in plan.image_ids] == [5, 5, 2]
+    items = plan.items([0, 2])
+    assert [it["shard"] for it in items] == [0, 2] and items[1]["image_ids"] == plan.image_ids[2]
+    a = run_pipeline(staged, sample_store, tmp_path / "staged", progress=False)
+    b = run_pipeline(chain, sample_store, tmp_path / "chain", progress=False)
+    assert (a.rows_in, a.shards_total, a.written + a.quarantined) == (12, 3, 12)
+    assert (b.rows_in, b.shards_total, b.written + b.quarantined) == (12, 3, 12)
+    ra, rb = _rows(tmp_path / "staged"), _rows(tmp_path / "chain")
     assert list(ra) == list(rb) and all(ra[k] == rb[k] for k in ra)
-    t = pq.read_table(sorted((tmp_path / "many" / "shards").glob("shard-*.parquet"))[0], columns=["image_id"])
-    assert t.column("image_id").to_pylist() == plan.image_ids[0]          # store order inside the shard
+    names = sorted(p.name for p in (tmp_path / "chain" / "shards").glob("shard-*.parquet"))
+    assert names == ["shard-00000000.parquet", "shard-00000001.parquet", "shard-00000002.parquet"]
+    for k, name in enumerate(names):
+        t = pq.read_table(tmp_path / "chain" / "shards" / name, columns=["image_id"])
+        assert t.column("image_id").to_pylist() == plan.image_ids[k]     # store order inside the shard
+    man = json.loads((tmp_path / "chain" / "manifest.json").read_text())
+    assert "shards" not in man and man["complete"]                        # no per-shard map
+
+
+# ------------------------------------------------------------------------------------------
+# resume by content: the checkpoints' SHA-256 are part of the resume key
+def _stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").glob("shard-*.parquet")}
+
+
+def _shas(out: Path) -> set[str]:
+    t = open_label_store(out).read_table(["provenance"])
+    return {json.loads(p)["checkpoint_sha256"] for p in t.column("provenance").to_pylist()}
+
+
+def test_resume_key_holds_the_checkpoint_content(sample_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from raysemiseg.train.checkpoint import MODEL_FILE
+
+    a = _tiny_checkpoint(tmp_path / "a", "cam_classifier")
+    b = _tiny_checkpoint(tmp_path / "b", "cam_classifier")
+    sd = torch.load(b / MODEL_FILE, weights_only=True)
+    torch.save({k: v + 0.5 if v.is_floating_point() else v for k, v in sd.items()}, b / MODEL_FILE)  # other weights
+    sha_a, sha_b = (checkpoint_hash(a), checkpoint_hash(b))
+    assert sha_a != sha_b
+    run = tmp_path / "run"                           # a training run folder: its newest checkpoint_* is used
+    shutil.copytree(a, run / "checkpoint_000001")
+    recipe = load_recipe(RECIPES / "cam.yaml", {"max_rows": 4, "rows_per_shard": 2})
+    out = tmp_path / "labels"
+    first = run_pipeline(recipe, sample_store, out, checkpoint=str(a), progress=False)
+    assert (first.shards_run, first.written) == (2, 4) and _shas(out) == {sha_a}
+    before = _stats(out)
+    assert len(before) == 2
+    # same recipe, same rows, same weights (here through the run folder): every shard is kept, with
+    # or without overwrite ("replace only what differs")
+    for ck, ow in ((str(run), True), (str(a), False), (str(a), True)):
+        again = run_pipeline(recipe, sample_store, out, checkpoint=ck, overwrite=ow, progress=False)
+        assert (again.shards_run, again.shards_skipped) == (0, 2)
+        assert _stats(out) == before
+    # another checkpoint into the same folder: refused, naming both and --overwrite; nothing changed
+    with pytest.raises(ValueError, match=rf"(?s){a}.*{sha_a[:12]}.*{b}.*{sha_b[:12]}.*--overwrite"):
+        run_pipeline(recipe, sample_store, out, checkpoint=str(b), progress=False)
+    assert _stats(out) == before
+    # the run folder's newest checkpoint changes: also another checkpoint
+    shutil.copytree(b, run / "checkpoint_000002")
+    with pytest.raises(ValueError, match="checkpoint_000002"):
+        run_pipeline(recipe, sample_store, out, checkpoint=str(run), progress=False)
+    # a part-written store (one shard lost) and another checkpoint: refused, never mixed ...
+    (out / "shards" / "shard-00000001.parquet").unlink()
+    with pytest.raises(ValueError, match="--overwrite"):
+        run_pipeline(recipe, sample_store, out, checkpoint=str(b), progress=False)
+    # ... and with overwrite every row is relabelled by the new model
+    new = run_pipeline(recipe, sample_store, out, checkpoint=str(b), overwrite=True, progress=False)
+    assert (new.shards_run, new.shards_skipped, new.written) == (2, 0, 4)
+    assert _shas(out) == {sha_b}
+    assert open_label_store(out).manifest["resume_key"]["checkpoints"] == {"cam": sha_b}
+
+
+def test_stage_checkpoints_enter_the_resume_key(tmp_path: Path) -> None:
+    """Every model stage's resolved checkpoint is hashed: the L-Net map's next to the CAM one."""
+    from raysemiseg.pseudolabel.pipeline import resolve_stage_checkpoints
+
+    cam = _tiny_checkpoint(tmp_path, "cam_classifier")
+    lnet_run = tmp_path / "lnet_run"
+    from raysemiseg.config import DataConfig, MethodConfig, ModelConfig, TrainConfig
+    from raysemiseg.methods.base import get_method
+    from raysemiseg.train.checkpoint import save_checkpoint
+
+    cfg = TrainConfig(data=DataConfig(store=str(tmp_path)), model=ModelConfig(backbone="tiny", pretrained=False),
+                      method=MethodConfig(name="lnet", params={"head_hidden": 16}))
+    m = get_method("lnet")(builtin("voc21"), cfg.model, cfg.method.build_params())
+    save_checkpoint(lnet_run / "checkpoint_000003", m, cfg, builtin("voc21"))
+    recipe = load_recipe(RECIPES / "lnet_cam_diffusion_crf.yaml").with_stage_checkpoints({"lnet_map": str(lnet_run)})
+    got = resolve_stage_checkpoints(recipe, str(cam))
+    assert set(got) == {"lnet_map", "cam"}
+    assert got["lnet_map"]["path"] == str(lnet_run / "checkpoint_000003")       # the run folder, resolved
+    assert got["lnet_map"]["sha256"] == checkpoint_hash(lnet_run) != got["cam"]["sha256"] == checkpoint_hash(cam)
+    with pytest.raises(ValueError, match="--checkpoint"):
+        resolve_stage_checkpoints(load_recipe(RECIPES / "cam.yaml"), None)
+
+
+# ------------------------------------------------------------------------------------------
+# runtime errors are not bad data
+def _failing_scores_recipe(execution: str):
+    """em_fixed whose scores stage shrinks the 20 x 30 images to 0 x 0: torch raises RuntimeError
+    inside the model stage for every decodable image (a stand-in for a CUDA OOM / device error)."""
+    return load_recipe(RECIPES / "em_fixed.yaml", {"rows_per_shard": 2, "execution": execution,
+                                                   "stages": [{"name": "scores", "params": {"input_scale": 0.01}},
+                                                              {"name": "em", "params": {"mode": "fixed", "b_fg": 5.0, "b_bg": 3.0,
+                                                                                        "suppress_absent": True}}]})
+
+
+def test_model_stage_runtime_error_fails_the_serial_run(tmp_path: Path) -> None:
+    store = _tiny_store(tmp_path / "store")
+    ckpt = _tiny_checkpoint(tmp_path, "strong_only")
+    rows = open_store(store).read_table().to_pylist()
+    ok = run_serial(load_recipe(RECIPES / "em_fixed.yaml"), rows, 0, 21, checkpoint=str(ckpt))
+    assert [r["q_stage"] for r in ok] == ["", "decode", "", ""]          # only the corrupt image is bad data
+    with pytest.raises(RuntimeError, match="greater than 0"):
+        run_serial(_failing_scores_recipe("chain"), rows, 0, 21, checkpoint=str(ckpt))
+
+
+@pytest.mark.parametrize("execution", ["chain", "staged"])     # a task; an actor-pool model stage
+def test_model_stage_runtime_error_fails_the_ray_run(ray_session, tmp_path: Path, execution: str) -> None:
+    store = _tiny_store(tmp_path / "store")
+    ckpt = _tiny_checkpoint(tmp_path, "strong_only")
+    out = tmp_path / "labels"
+    with pytest.raises(Exception, match="greater than 0") as err:
+        run_pipeline(_failing_scores_recipe(execution), store, out, checkpoint=str(ckpt), progress=False)
+    assert "RuntimeError" in f"{type(err.value).__mro__} {err.value}"
+    ls = open_label_store(out)
+    assert not ls.complete and "counts" not in ls.manifest       # never marked complete
+    # no row was quarantined for it: the shards holding those rows were not committed
+    assert committed_shards(out) == set() and ls.read_quarantine().num_rows == 0
+
+
+# ------------------------------------------------------------------------------------------
+# model stages ask for their GPUs (the plan, not a run)
+def test_gpu_recipe_plan_asks_for_gpus_on_a_cluster_without_any(ray_session) -> None:
+    import ray
+
+    from raysemiseg.pseudolabel.pipeline import _Ctx, _ModelStage, _Writer, plan_ops
+
+    assert ray.cluster_resources().get("GPU", 0) == 0           # the autoscaler has not added GPU nodes yet
+    ckpts = {"cam": {"path": "/ckpt/cam", "sha256": "0" * 64}}
+    ctx, w = _Ctx(0, 21), _Writer("/labels", "cam_diffusion_crf", "{}", True)
+    gpu = load_recipe(RECIPES / "cam_diffusion_crf.yaml", {"gpus_per_model_actor": 1, "model_actors": [1, 4]})
+    ops = plan_ops(gpu, ckpts, ctx, ["/store/part-0.parquet"], w)
+    assert [o.name for o in ops] == ["read", "cam", "diffusion+crf"]
+    cam = ops[1]
+    assert cam.fn is _ModelStage and cam.kwargs["num_gpus"] == 1
+    assert (cam.kwargs["compute"].min_size, cam.kwargs["compute"].max_size) == (1, 4)
+    assert cam.kwargs["fn_constructor_kwargs"]["device"] == "auto"      # cuda iff the actor got a GPU
+    assert all("num_gpus" not in o.kwargs for o in (ops[0], ops[2]))
+    # Ray Data takes those arguments as they are (built lazily, not run)
+    ds = ray.data.from_items([{"x": 0}])
+    for o in ops:
+        ds = ds.map_batches(o.fn, **o.kwargs)
+    dag = ds._logical_plan.dag.input_dependencies[0]                     # the cam operator
+    assert dag.ray_remote_args["num_gpus"] == 1 and (dag.compute.min_size, dag.compute.max_size) == (1, 4)
+    # without GPUs asked for, model recipes run chained on CPU; asked for, the chain tasks get them
+    cpu = plan_ops(load_recipe(RECIPES / "cam_diffusion_crf.yaml"), ckpts, ctx, [], w)
+    assert [o.name for o in cpu] == ["chain"] and "num_gpus" not in cpu[0].kwargs
+    chain_gpu = plan_ops(load_recipe(RECIPES / "cam_diffusion_crf.yaml", {"gpus_per_model_actor": 0.5,
+                                                                          "execution": "chain"}), ckpts, ctx, [], w)
+    assert chain_gpu[0].kwargs["num_gpus"] == 0.5
+    with pytest.raises(ValueError, match="model_actors"):
+        load_recipe(RECIPES / "cam.yaml", {"model_actors": [3, 2]})
+
+
+def test_shard_names_sort_past_99999(tmp_path: Path) -> None:
+    from raysemiseg.pseudolabel.store import shard_index, shard_name
+
+    names = [shard_name(k) for k in (7, 99_999, 100_000, 12_345_678)]
+    assert names == sorted(names) and [shard_index(n) for n in names] == [7, 99_999, 100_000, 12_345_678]
+    assert shard_index("shard-00042.parquet") == 42                      # stores written with 5 digits
