@@ -130,3 +130,14 @@ def test_per_class_table_reaches_mlflow_as_one_artifact(tmp_path: Path) -> None:
                                               tracking_uri=uri, dst_path=str(tmp_path / "dl"))
     assert Path(got).read_text() == text
     assert set(c.get_run(run_id).data.metrics) == {"val_score", "epoch"}
+
+
+def test_eval_shows_a_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    space = builtin("voc21")
+    m = _constant_cam(space, [15])
+    res = evaluate_rows(m, _rows([[15], [3], [15]]), space, desc="eval val", progress=True)
+    err = capsys.readouterr().err
+    assert "eval val" in err and "3/3" in err and "img" in err     # tqdm over the rows, total known
+    assert res.labels is not None and res.labels.num_images == 3
+    evaluate_rows(m, _rows([[15]]), space, desc="quiet", progress=False)
+    assert "quiet" not in capsys.readouterr().err
