@@ -169,7 +169,7 @@ def measure(argv: list[str], log: Path, timeout: float) -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    cks = sorted(run_dir.glob("checkpoint_*"))
+    cks = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())  # not checkpoint_manager_snapshot.json
     if not cks:
         raise FileNotFoundError(f"no checkpoint under {run_dir}")
     return cks[-1]
