@@ -1,8 +1,12 @@
 """Predictions and mIoU of a trained method on a store split (optionally dense-CRF refined).
 
 ``evaluate_rows`` runs one method over decoded rows at native resolution (logits bilinearly
-resized back), accumulates the shared :class:`~raysemiseg.eval.metrics.ConfusionMatrix`, and keeps
-the first ``num_samples`` (image, ground truth, prediction) triples for overlays.
+resized back; :func:`~raysemiseg.train.loop.predict_image`, so the CAM classifier builds dense maps
+over a few candidate classes only), accumulates the shared O(K) counts
+(:class:`~raysemiseg.eval.metrics.IoUCounts` over rows with a mask,
+:class:`~raysemiseg.eval.metrics.LabelCounts` over rows with image-level labels), and keeps the
+first ``num_samples`` (image, ground truth, prediction) triples for overlays. A tqdm bar shows
+progress (``progress=False`` turns it off).
 
 Dense CRF (``crf=True``): the pseudo-label engine's one implementation
 (:func:`raysemiseg.pseudolabel.crf.crf_labels`, DeepLab-CRF-LargeFOV parameters, 10 mean-field
@@ -21,10 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from raysemiseg.eval.metrics import ConfusionMatrix, SegMetrics
+from raysemiseg.eval.metrics import IoUCounts, LabelCounts, LabelMetrics, SegMetrics
 from raysemiseg.labels import LabelSpace
 from raysemiseg.train.data import iter_val_rows
-from raysemiseg.train.loop import given_labels_vector, normalisation, predict_logits, require_label_conditioned
+from raysemiseg.train.loop import given_labels_vector, normalisation, predict_image, require_label_conditioned
 
 
 @dataclass
@@ -42,12 +46,14 @@ class EvalResult:
     """Metrics of one method on one split.
 
     Attributes:
-        metrics: the shared :class:`SegMetrics` (mIoU, per-class IoU, accuracies, confusion).
+        metrics: the shared :class:`SegMetrics` (mIoU, per-class IoU, accuracies, counts).
         label_space: the space the ids refer to.
-        num_images: images scored (rows without a pixel mask are skipped).
+        num_images: images scored with a pixel mask.
         seconds: wall time of prediction (+ CRF).
         crf: whether dense-CRF post-processing was applied.
         samples: the first ``num_samples`` images for overlays.
+        labels: image-level multi-label scores (F1) over the rows with a ``labels`` value (the
+            only score of an image-level-only split); None when no row had one.
     """
 
     metrics: SegMetrics
@@ -56,10 +62,18 @@ class EvalResult:
     seconds: float
     crf: bool
     samples: list[Sample] = field(default_factory=list)
+    labels: LabelMetrics | None = None
 
 
-def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int | None, params: Any = None) -> np.ndarray:
-    """Dense-CRF labels from (K, H, W) logits over background + the predicted classes.
+def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int | None, params: Any = None,
+                    ids: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    """Dense-CRF labels from (P, H, W) logits over background + the predicted classes.
+
+    Args:
+        logits: (P, H, W) scores of the classes ``ids`` (all K classes when ``ids`` is None).
+        ids: (P,) label-space ids of the rows of ``logits`` (ascending); None = ``0..P-1``.
+            Softmax over a subset then restriction equals softmax over all K then restriction
+            (the renormalisation cancels the partition function).
 
     Returns:
         (H, W) int64 label-space ids.
@@ -67,13 +81,15 @@ def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int 
     from raysemiseg.pseudolabel.crf import crf_labels, restrict_probs
 
     probs = torch.softmax(logits.float(), dim=0).cpu().numpy()
-    ids = set(np.unique(probs.argmax(0)).tolist())
-    if background_id is not None:
-        ids.add(background_id)
-    ids_arr = np.array(sorted(ids), dtype=np.int64)
+    row_ids = np.arange(probs.shape[0]) if ids is None else np.asarray(torch.as_tensor(ids).cpu(), np.int64)
+    rows = set(np.unique(probs.argmax(0)).tolist())
+    if background_id is not None and background_id in row_ids:
+        rows.add(int(np.searchsorted(row_ids, background_id)))
+    rows_arr = np.array(sorted(rows), dtype=np.int64)
+    ids_arr = row_ids[rows_arr]
     if len(ids_arr) == 1:
         return np.full(image.shape[:2], ids_arr[0], np.int64)
-    labels, _ = crf_labels(image, restrict_probs(probs, ids_arr), ids_arr, params)
+    labels, _ = crf_labels(image, restrict_probs(probs, rows_arr), ids_arr, params)
     return labels
 
 
@@ -107,20 +123,31 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
     mean, std = normalisation(method)
     scored = score_space or label_space
     lut = torch.from_numpy(label_space.mapping_to(score_space)) if score_space is not None else None
-    cm = ConfusionMatrix(scored.num_classes, scored.ignore_index, device=dev)
+    cm = IoUCounts(scored.num_classes, scored.ignore_index, device=dev)
+    lc = LabelCounts(scored.num_classes)
     samples: list[Sample] = []
     n = 0
     t0 = time.perf_counter()
     total = rows.num_rows if hasattr(rows, "num_rows") else None
     for row in tqdm(iter_val_rows(rows), total=total, desc=desc, unit="img", disable=not progress):
+        if row["mask"] is None and row.get("labels") is None:
+            continue
+        p = predict_image(method, row["image"], mean, std, dev, val_size,
+                          image_labels=given_labels_vector(method, row, given_labels))
+        if row.get("labels") is not None:
+            present, true = p.present.cpu(), torch.as_tensor([int(c) for c in row["labels"]], dtype=torch.int64)
+            if lut is not None:  # foreground classes of the scoring space only
+                present, true = lut[present], lut[true]
+                bg = -1 if scored.background_id is None else scored.background_id
+                fg = lambda t: t[(t < scored.num_classes) & (t != bg)]  # noqa: E731
+                present, true = fg(present), fg(true)
+            lc.update(present, true)
         if row["mask"] is None:
             continue
-        logits = predict_logits(method, row["image"], mean, std, dev, val_size,
-                                image_labels=given_labels_vector(method, row, given_labels))
         if crf:
-            pred = refine_with_crf(row["image"], logits, label_space.background_id)
+            pred = refine_with_crf(row["image"], p.scores, label_space.background_id, ids=p.ids)
         else:
-            pred = logits.argmax(0).cpu().numpy()
+            pred = p.label.cpu().numpy()
         p_t, m_t = torch.from_numpy(np.asarray(pred, np.int64)), torch.from_numpy(np.asarray(row["mask"], np.int64))
         if lut is not None:
             p_t, m_t = lut[p_t], lut[m_t]
@@ -128,7 +155,8 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
         if len(samples) < num_samples:
             samples.append(Sample(row["image_id"], row["image"], m_t.numpy(), p_t.numpy()))
         n += 1
-    return EvalResult(cm.compute(), scored, n, time.perf_counter() - t0, crf, samples)
+    return EvalResult(cm.compute(), scored, n, time.perf_counter() - t0, crf, samples,
+                      labels=lc.compute() if lc.num_images else None)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = "val", *, crf: bool = False,

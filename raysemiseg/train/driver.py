@@ -3,7 +3,8 @@
 ``train(cfg)`` validates the data plan on the driver (nothing heavy is read), builds the
 ``TorchTrainer`` from the config (``ScalingConfig``: workers, CPU/GPU, placement; gloo on CPU,
 nccl on GPU), ``RunConfig(name, storage_path)`` with ``CheckpointConfig(num_to_keep,
-checkpoint_score_attribute="val_miou", order "max")`` and ``FailureConfig(max_failures)``, and the
+checkpoint_score_attribute="val_score", order "max"; ``val_score`` is the val mIoU, or the
+image-label F1 when the validation rows have no masks, see :attr:`raysemiseg.train.loop.ValMetrics.score`)`` and ``FailureConfig(max_failures)``, and the
 MLflow callback of :mod:`raysemiseg.tune.tracking`. Rerunning with the same ``run.name`` and
 ``run.storage_path`` resumes from the latest checkpoint (Ray Train V2 restores the run's
 checkpoint history from storage and ``ray.train.get_checkpoint()`` hands the latest one to the
@@ -100,7 +101,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
             name=cfg.run.name, storage_path=storage_str,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
-                                               checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+                                               checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             callbacks=callbacks or None),
         datasets=plan.datasets,
         dataset_config=sharded_data_config(plan),  # pools split equally, val without dropping rows
@@ -129,9 +130,9 @@ def select_checkpoint(candidates: Sequence[tuple[Any, Mapping[str, Any]]], rule:
 
     Args:
         candidates: ``[(checkpoint, metrics)]`` as Ray's ``Result.best_checkpoints`` (any order);
-            ``metrics`` holds ``val_miou`` and ``global_step`` (the list position stands in for a
-            missing step).
-        rule: ``"best"``: the highest ``val_miou`` (NaN or missing = lowest), exact ties going to the
+            ``metrics`` holds ``val_score`` (else ``val_miou``: older checkpoints) and ``global_step``
+            (the list position stands in for a missing step).
+        rule: ``"best"``: the highest ``val_score`` (NaN or missing = lowest), exact ties going to the
             later checkpoint (higher ``global_step``); ``"latest"``: ``latest`` when given (Ray's
             ``Result.checkpoint``), else the candidate with the highest ``global_step``.
         latest: Ray's latest checkpoint, if known.
@@ -153,7 +154,7 @@ def select_checkpoint(candidates: Sequence[tuple[Any, Mapping[str, Any]]], rule:
         return float(m.get("global_step", i))
 
     def score(m: Mapping[str, Any]) -> float:
-        v = m.get("val_miou")
+        v = m.get("val_score", m.get("val_miou"))
         return float("-inf") if v is None or math.isnan(float(v)) else float(v)
 
     if rule == "latest":

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raysemiseg.eval.metrics import ConfusionMatrix, SegMetrics
+from raysemiseg.eval.metrics import IoUCounts, LabelCounts, LabelMetrics, SegMetrics
 from raysemiseg.train.data import BatchSampler, collate, iter_val_rows, multi_hot_labels, prepare_eval_image
 
 MAIN_GROUP = "main"
@@ -254,17 +255,77 @@ def predict_logits(method: nn.Module, image: np.ndarray, mean: Any, std: Any, de
         (C, H, W) float32 logits (bilinearly resized back to the native size).
     """
     h, w = image.shape[:2]
+    kw = {} if image_labels is None else {"image_labels": torch.as_tensor(image_labels, dtype=torch.float32,
+                                                                         device=device).unsqueeze(0)}
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        logits = method.predict(_eval_tensor(image, mean, std, device, val_size), **kw).float()
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits[0]
+
+
+def _eval_tensor(image: np.ndarray, mean: Any, std: Any, device: torch.device, val_size: int | None) -> Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H', W') normalised float32 on ``device`` (long side ``val_size``)."""
     x = prepare_eval_image(image, val_size)
     t = torch.from_numpy(np.array(x, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
-    kw = {} if image_labels is None else {"image_labels": torch.as_tensor(image_labels, dtype=torch.float32,
-                                                                         device=device).unsqueeze(0)}
-    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-        logits = method.predict(((t - m) / s).unsqueeze(0), **kw).float()
-    if logits.shape[-2:] != (h, w):
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-    return logits[0]
+    return ((t - m) / s).unsqueeze(0)
+
+
+@dataclass
+class ImagePrediction:
+    """One image's prediction at its native size (:func:`predict_image`).
+
+    Attributes:
+        label: (H, W) int64 label-space ids.
+        ids: (P,) int64 label-space ids of the rows of ``scores`` (all K classes, or a method's
+            candidate classes, see :meth:`CamClassifier.predict_classes`).
+        scores: (P, H, W) float32 logits over ``ids``.
+        present: (L,) int64 foreground ids predicted present in the image (the image-level
+            prediction scored by :class:`~raysemiseg.eval.metrics.LabelCounts`).
+    """
+
+    label: Tensor
+    ids: Tensor
+    scores: Tensor
+    present: Tensor
+
+
+@torch.no_grad()
+def predict_image(method: nn.Module, image: np.ndarray, mean: Any, std: Any, device: torch.device,
+                  val_size: int | None = None, amp: bool = False,
+                  image_labels: np.ndarray | None = None) -> ImagePrediction:
+    """Label map, candidate-class scores and image-level labels of one image, O(P H W) when it can be.
+
+    A method with ``predict_classes`` (the CAM classifier: returns a
+    :class:`~raysemiseg.methods.cam_classifier.model.CandidateLogits`) gives dense logits over a few
+    candidate classes only, and its image classifier (logit > 0) gives the present labels; any other method
+    goes through :func:`predict_logits` (all K classes, present = foreground ids of the label map).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        val_size: long-side resize before the forward pass (None = native).
+        image_labels: optional (K,) multi-hot of given labels (label-conditioned methods, or the
+            CAM classifier's candidates).
+    """
+    h, w = image.shape[:2]
+    bg = getattr(getattr(method, "label_space", None), "background_id", None)
+    if hasattr(method, "predict_classes"):
+        lab = None if image_labels is None else torch.as_tensor(image_labels, dtype=torch.float32,
+                                                                 device=device).unsqueeze(0)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            cand = method.predict_classes(_eval_tensor(image, mean, std, device, val_size), image_labels=lab)
+        scores = cand.logits.float()
+        if scores.shape[-2:] != (h, w):
+            scores = F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
+        return ImagePrediction(cand.ids[scores[0].argmax(0)], cand.ids, scores[0], cand.present(0))
+    logits = predict_logits(method, image, mean, std, device, val_size, amp, image_labels)
+    label = logits.argmax(0)
+    present = torch.unique(label)
+    if bg is not None:
+        present = present[present != bg]
+    return ImagePrediction(label, torch.arange(logits.shape[0], device=logits.device), logits, present)
 
 
 def require_label_conditioned(method: nn.Module) -> None:
@@ -290,10 +351,34 @@ def given_labels_vector(method: nn.Module, row: dict[str, Any], given_labels: bo
     return multi_hot_labels(row["labels"], method.num_classes, bg)
 
 
+@dataclass
+class ValMetrics:
+    """Validation scores of one epoch, reduced over all workers.
+
+    Attributes:
+        seg: pixel metrics over the rows with a mask (``seg.num_pixels == 0`` when none had one).
+        labels: image-level multi-label scores over the rows with a ``labels`` value.
+        mask_images: rows scored with a pixel mask.
+    """
+
+    seg: SegMetrics
+    labels: LabelMetrics
+    mask_images: int
+
+    @property
+    def score(self) -> float:
+        """The checkpoint score (``val_score``): val mIoU when any row had a pixel mask, else the
+        image-level micro F1 (image-level-only validation, e.g. ImageNet-21k folders)."""
+        return float(self.seg.miou) if self.seg.num_pixels > 0 else float(self.labels.micro_f1)
+
+
 def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, device: torch.device, *,
              mean: Any, std: Any, val_size: int | None = None, amp: bool = False,
-             given_labels: bool = False) -> SegMetrics:
-    """Validation mIoU with the shared confusion matrix, reduced over all workers.
+             given_labels: bool = False) -> ValMetrics:
+    """Validation mIoU (rows with masks) and image-label F1 (rows with labels), reduced over all workers.
+
+    State: two O(K) count sets (:class:`~raysemiseg.eval.metrics.IoUCounts`,
+    :class:`~raysemiseg.eval.metrics.LabelCounts`), two all_reduces per call.
 
     Args:
         rows: the worker's validation shard (``streaming_split(equal=False)``: every row is in
@@ -302,18 +387,29 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
             the rows need a ``labels`` column).
 
     Returns:
-        :class:`~raysemiseg.eval.metrics.SegMetrics` over all workers' rows.
+        :class:`ValMetrics` over all workers' rows.
     """
     method.eval()
-    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    _, world = _world()
+    cm = IoUCounts(num_classes, ignore_index, device=device)
+    lc = LabelCounts(num_classes, device=device)
+    masks = 0
     for row in iter_val_rows(rows):
-        if row["mask"] is None:
+        if row["mask"] is None and row.get("labels") is None:
             continue
-        pred = predict_logits(method, row["image"], mean, std, device, val_size, amp,
-                              given_labels_vector(method, row, given_labels)).argmax(0)
-        cm.update(pred, torch.from_numpy(row["mask"]).to(device))
+        pred = predict_image(method, row["image"], mean, std, device, val_size, amp,
+                             given_labels_vector(method, row, given_labels))
+        if row["mask"] is not None:
+            cm.update(pred.label, torch.from_numpy(row["mask"]).to(device))
+            masks += 1
+        if row.get("labels") is not None:
+            lc.update(pred.present, [int(c) for c in row["labels"]])
     cm.reduce_from_all_processes()
-    return cm.compute()
+    lc.reduce_from_all_processes()
+    n = torch.tensor([masks], dtype=torch.int64, device=device)
+    if world > 1:
+        dist.all_reduce(n)
+    return ValMetrics(cm.compute(), lc.compute(), int(n))
 
 
 def count_nodes(device: torch.device) -> int:
@@ -344,14 +440,57 @@ def normalisation(method: nn.Module) -> tuple[Any, Any]:
     return tuple(float(v) for v in bb.mean), tuple(float(v) for v in bb.std)
 
 
-def epoch_metrics(metrics: SegMetrics, label_space: Any) -> dict[str, float]:
-    """Flat val metrics: val_miou, val_pixel_acc, val_mean_acc, val_iou/<class> (present classes)."""
-    out = {"val_miou": float(metrics.miou), "val_pixel_acc": float(metrics.pixel_acc),
-           "val_mean_acc": float(metrics.mean_acc)}
-    for k, v in enumerate(metrics.iou):
-        if np.isfinite(v):
-            out[f"val_iou/{label_space.names[k]}"] = float(v)
+#: above this many classes, per-class figures are not reported as metric keys (one key per class
+#: into Ray Train / Tune's progress.csv / MLflow); they go to the per-class table only
+PER_CLASS_KEYS_MAX = 256
+#: the per-class table's file name in each checkpoint (MLflow: ``per_class/epoch_<n>.csv``)
+PER_CLASS_TABLE = "val_per_class.csv"
+
+
+def epoch_metrics(val: ValMetrics, label_space: Any) -> dict[str, float]:
+    """Flat scalar val metrics for ``ray.train.report``.
+
+    Keys: ``val_score`` (the checkpoint score, :attr:`ValMetrics.score`), ``val_miou``,
+    ``val_pixel_acc``, ``val_mean_acc`` (NaN without masks), ``val_f1`` (micro), ``val_macro_f1``,
+    ``val_precision``, ``val_recall`` (image-level labels), ``val_mask_images``,
+    ``val_label_images``; plus ``val_iou/<class>`` of the present classes when the space has at
+    most :data:`PER_CLASS_KEYS_MAX` classes (larger spaces: :func:`per_class_table` only).
+    """
+    seg, lab = val.seg, val.labels
+    out = {"val_score": val.score, "val_miou": float(seg.miou), "val_pixel_acc": float(seg.pixel_acc),
+           "val_mean_acc": float(seg.mean_acc), "val_f1": float(lab.micro_f1), "val_macro_f1": float(lab.macro_f1),
+           "val_precision": float(lab.precision), "val_recall": float(lab.recall),
+           "val_mask_images": val.mask_images, "val_label_images": lab.num_images}
+    if label_space.num_classes <= PER_CLASS_KEYS_MAX:
+        for k in np.flatnonzero(np.isfinite(seg.iou)):
+            out[f"val_iou/{label_space.names[k]}"] = float(seg.iou[k])
     return out
+
+
+def per_class_table(val: ValMetrics, label_space: Any) -> str:
+    """CSV of the per-class figures, one row per class with any pixel or image count (O(present)).
+
+    Columns: ``class_id, class, iou, acc, tp_pixels, gt_pixels, pred_pixels, f1, tp_images,
+    gt_images, pred_images`` (empty cells for undefined ratios).
+    """
+    import csv
+    import io
+
+    seg, lab = val.seg, val.labels
+    used = np.flatnonzero((seg.gt_pixels + seg.pred_pixels + lab.gt_images + lab.pred_images) > 0)
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(["class_id", "class", "iou", "acc", "tp_pixels", "gt_pixels", "pred_pixels", "f1", "tp_images",
+                 "gt_images", "pred_images"])
+
+    def num(v: float) -> str:
+        return "" if not np.isfinite(v) else f"{v:.6f}"
+
+    for k in used:
+        wr.writerow([int(k), label_space.names[k], num(seg.iou[k]), num(seg.acc[k]), int(seg.tp[k]),
+                     int(seg.gt_pixels[k]), int(seg.pred_pixels[k]), num(lab.f1[k]), int(lab.tp[k]),
+                     int(lab.gt_images[k]), int(lab.pred_images[k])])
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,15 +558,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mean=mean, std=std, fault_step=cfg.run.inject_fault_at_step, fault_marker=config.get("fault_marker"))
         global_step += steps
         broadcast_state(method, buffers_only=True)  # BN statistics of rank 0 everywhere (what is saved)
-        seg = evaluate(method, val_shard, space.num_classes, space.ignore_index, device, mean=mean, std=std,
+        val = evaluate(method, val_shard, space.num_classes, space.ignore_index, device, mean=mean, std=std,
                        val_size=cfg.data.val_size, amp=amp, given_labels=method.eval_with_given_labels)
         metrics = {"epoch": epoch + 1, "global_step": global_step, "resumed_from_epoch": start_epoch,
                    "num_workers": ctx.get_world_size(), "num_nodes": num_nodes, **train_metrics,
-                   **epoch_metrics(seg, space), "epoch_time_s": time.perf_counter() - t0}
+                   **epoch_metrics(val, space), "epoch_time_s": time.perf_counter() - t0}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(tmp, method, cfg, space, optimizers=optimizers, scaler=scaler, epoch=epoch + 1,
                                 global_step=global_step, metrics=metrics)
+                Path(tmp, PER_CLASS_TABLE).write_text(per_class_table(val, space))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

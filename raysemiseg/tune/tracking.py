@@ -218,6 +218,21 @@ class Tracker:
         return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
 
 
+def _log_per_class_table(client: Any, run_id: str, checkpoint: Any, epoch: int) -> None:
+    """The checkpoint's per-class CSV (``val_per_class.csv``, written by the training loop) as the
+    artifact ``per_class/epoch_<epoch>.csv``: per-class figures travel as one table, not one
+    metric key per class (21,841 keys at ImageNet-21k). Read through the checkpoint's own
+    filesystem (local or remote storage), without downloading the checkpoint."""
+    from raysemiseg.train.loop import PER_CLASS_TABLE
+
+    path = f"{checkpoint.path.rstrip('/')}/{PER_CLASS_TABLE}"
+    if checkpoint.filesystem.get_file_info(path).type.name != "File":
+        return
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        text = f.read().decode()
+    client.log_text(run_id, text, f"per_class/epoch_{epoch:04d}.csv")
+
+
 def _user_callback_base() -> type:
     from ray.train import UserCallback
 
@@ -240,5 +255,6 @@ class MLflowCallback(_user_callback_base()):  # type: ignore[misc]
             log_metrics(_client(self.tracking_uri), self.run_id, m, int(m.get("epoch", 0)))
             if checkpoint is not None:
                 _client(self.tracking_uri).set_tag(self.run_id, "raysemiseg.checkpoint.latest", checkpoint.path)
+                _log_per_class_table(_client(self.tracking_uri), self.run_id, checkpoint, int(m.get("epoch", 0)))
         except Exception as e:  # tracking must never kill training
             log.warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), e)
