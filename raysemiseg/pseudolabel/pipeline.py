@@ -81,6 +81,7 @@ from raysemiseg.data.schema import (
     decode_image,
     encode_mask,
 )
+from raysemiseg.runtime import CpuNeed
 
 __all__ = [
     "STAGES",
@@ -888,6 +889,13 @@ def _prepare_out(out: Path, recipe: Recipe, plan: ShardPlan, overwrite: bool) ->
     out.mkdir(parents=True, exist_ok=True)
 
 
+def recipe_cpu_need(recipe: Recipe) -> CpuNeed:
+    """Logical CPUs a run of ``recipe`` needs at once: one task or model actor of
+    ``cpus_per_task`` CPUs must fit on a node, or the pipeline waits forever."""
+    return CpuNeed(held=0.0, data=recipe.cpus_per_task, per_node=recipe.cpus_per_task,
+                   what=f"pseudo-label recipe {recipe.name!r}", knobs="the recipe's cpus_per_task")
+
+
 def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, checkpoint: str | None = None,
                  overwrite: bool = False, num_cpus: int | None = None, progress: bool = True,
                  stage_checkpoints: dict[str, str] | None = None) -> RunResult:
@@ -950,7 +958,7 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
     if pending:
         from raysemiseg.runtime import ensure_ray
 
-        ensure_ray(num_cpus=num_cpus, log_to_driver=False)
+        ensure_ray(num_cpus=num_cpus, log_to_driver=False, need=recipe_cpu_need(recipe))
         dctx = DataContext.get_current()
         old_bars = dctx.enable_progress_bars
         dctx.enable_progress_bars = False

@@ -275,7 +275,10 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
     images/s.
 
     ``train_images_per_s`` counts only steps after the first ``warmup_steps`` (data pipeline
-    start-up, allocator warm-up) when the epoch has more steps than that.
+    start-up, allocator warm-up) when the epoch has more steps than that; over the same steps,
+    ``time/data_wait_s`` (waiting for the sampler's rows), ``time/to_device_s`` (collate:
+    normalise, stack, copy to the device) and ``time/step_s`` (:func:`train_step`) are the mean
+    seconds per step (this worker's host clock).
     """
     method.train()
     sums: dict[str, float] = defaultdict(float)
@@ -283,6 +286,8 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
     t_start = None
     lr = 0.0
     rank, _ = _world()
+    timing: dict[str, float] = defaultdict(float)
+    timed = 0
     for i in range(steps):
         step = start_step + i
         if fault_step is not None and step + 1 == fault_step and rank == 0 and fault_marker \
@@ -296,8 +301,17 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
         if i == min(warmup_steps, steps - 1):
             t_start, images = time.perf_counter(), 0
         lr = set_lr(optimizers, poly_factor(step, total_steps, poly_power))
-        batch = collate(sampler.next(), mean, std, device)
+        t_a = time.perf_counter()
+        rows = sampler.next()
+        t_b = time.perf_counter()
+        batch = collate(rows, mean, std, device)
+        t_c = time.perf_counter()
         values = train_step(method, batch, optimizers, scaler, amp=amp, grad_clip=grad_clip, sync=sync)
+        if t_start is not None:  # steady-state time split (host clock; the step syncs on its loss values)
+            timing["data_wait_s"] += t_b - t_a
+            timing["to_device_s"] += t_c - t_b
+            timing["step_s"] += time.perf_counter() - t_c
+            timed += 1
         for k, v in values.items():
             sums[k] += v
         sums["loss"] += sum(values.values())
@@ -309,6 +323,7 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
     out = {f"train/{k}": v / steps for k, v in sums.items()}
     out["lr"] = lr
     out["train_images_per_s"] = images / elapsed if elapsed > 0 else float("nan")
+    out.update({f"time/{k}": v / max(timed, 1) for k, v in timing.items()})
     return out
 
 
