@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from raysemiseg.config import load_config
     from raysemiseg.quickstart import parse_overrides
     from raysemiseg.runtime import ensure_ray
-    from raysemiseg.train.driver import train
+    from raysemiseg.train.driver import cpu_need, train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, overrides=parse_overrides(args.set))  # fails before any work starts
+        ensure_ray(args.address, need=cpu_need(cfg))  # fails at once when the cluster cannot feed the workers
     except (ValueError, FileNotFoundError) as e:
         print(f"jobs/train.py: error: {e}", file=sys.stderr)
         return 2
-    ensure_ray(args.address)
     result = train(cfg)
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
                       "val_miou": result.metrics.get("val_miou"), "epoch": result.metrics.get("epoch"),

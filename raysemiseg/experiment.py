@@ -124,7 +124,8 @@ class ExperimentConfig(StrictModel):
 
     name: str
     workdir: str = Field(..., description="split, label stores, runs, eval and results go here")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (None = cores, min 2)")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (None = cores, min 2, raised "
+                                                         "to the largest step's workers + 1 CPU for Ray Data)")
     label_space: str = "voc21"
     store: StoreDef
     split: SplitDef | None = None
@@ -458,15 +459,19 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
     """
     from raysemiseg.eval.predict import evaluate_checkpoint
     from raysemiseg.eval.report import iou_bar_chart, write_report
+    from raysemiseg.pseudolabel.pipeline import recipe_cpu_need
     from raysemiseg.runtime import ensure_ray
+    from raysemiseg.train.driver import cpu_need
     from raysemiseg.tune.tracking import Tracker
 
-    plan_experiment(ecfg)  # fail fast on a bad step, before any training
+    plan = plan_experiment(ecfg)  # fail fast on a bad step, before any training
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     work = Path(ecfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    ensure_ray(num_cpus=ecfg.num_cpus)
+    # a local Ray sized for the largest step (its workers + CPUs for Ray Data); too small a budget fails here
+    needs = [cpu_need(item) if isinstance(item, TrainConfig) else recipe_cpu_need(item) for _, _, item in plan]
+    ensure_ray(num_cpus=ecfg.num_cpus, need=max(needs, key=lambda n: (n.total, n.per_node), default=None))
 
     t = time.perf_counter()
     store = Path(ecfg.store.path).resolve()

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysemiseg.data.schema import IMAGE_STORE_SCHEMA, LABEL_STORE_SCHEMA, QUARANTINE_SCHEMA
-from raysemiseg.pseudolabel.recipe import Recipe, _groups, resolve_stage_checkpoints
+from raysemiseg.pseudolabel.recipe import Recipe, _groups, recipe_cpu_need, resolve_stage_checkpoints
 from raysemiseg.pseudolabel.stages import (
     _READ_COLUMNS,
     _SHARD_SCHEMA,
@@ -458,7 +458,7 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
     if pending:
         from raysemiseg.runtime import ensure_ray
 
-        ensure_ray(num_cpus=num_cpus, log_to_driver=False)
+        ensure_ray(num_cpus=num_cpus, log_to_driver=False, need=recipe_cpu_need(recipe))
         dctx = DataContext.get_current()
         old_bars = dctx.enable_progress_bars
         dctx.enable_progress_bars = False

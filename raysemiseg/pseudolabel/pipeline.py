@@ -79,6 +79,7 @@ from raysemiseg.pseudolabel.recipe import (  # noqa: F401
     _groups,
     checkpoint_hash,
     load_recipe,
+    recipe_cpu_need,
     resolve_stage_checkpoints,
 )
 from raysemiseg.pseudolabel.stages import (  # noqa: F401
@@ -101,6 +102,7 @@ __all__ = [
     "load_recipe",
     "plan_ops",
     "plan_shards",
+    "recipe_cpu_need",
     "resolve_stage_checkpoints",
     "run_pipeline",
     "run_serial",

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raysemiseg.runtime import CpuNeed
+
 __all__ = ["STAGES", "CamStageParams", "LNetMapStageParams", "NoParams", "Recipe", "ScoresStageParams", "StageDef",
            "StageSpec", "checkpoint_hash", "load_recipe", "resolve_stage_checkpoints"]
 
@@ -342,3 +344,10 @@ def resolve_stage_checkpoints(recipe: Recipe, checkpoint: str | Path | None) -> 
             shas[path] = _sha256_file(Path(path) / MODEL_FILE)
         out[s.name] = {"path": path, "sha256": shas[path]}
     return out
+
+
+def recipe_cpu_need(recipe: Recipe) -> CpuNeed:
+    """Logical CPUs a run of ``recipe`` needs at once: one task or model actor of
+    ``cpus_per_task`` CPUs must fit on a node, or the pipeline waits forever."""
+    return CpuNeed(held=0.0, data=recipe.cpus_per_task, per_node=recipe.cpus_per_task,
+                   what=f"pseudo-label recipe {recipe.name!r}", knobs="the recipe's cpus_per_task")

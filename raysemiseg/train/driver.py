@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from raysemiseg.config import TrainConfig
-from raysemiseg.runtime import ensure_ray
+from raysemiseg.runtime import DATA_CPUS, CpuNeed, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,15 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
     return trainer, worker_config
 
 
+def cpu_need(cfg: TrainConfig) -> CpuNeed:
+    """Logical CPUs a run of ``cfg`` needs at once: ``num_workers * cpus_per_worker`` held by the
+    Train workers plus :data:`~raysemiseg.runtime.DATA_CPUS` for the Ray Data tasks feeding them."""
+    sc = cfg.scaling
+    return CpuNeed(held=sc.num_workers * sc.cpus_per_worker, data=DATA_CPUS, per_node=sc.cpus_per_worker,
+                   what=f"train run {cfg.run.name!r} ({sc.num_workers} worker(s) x {sc.cpus_per_worker:g} CPUs)",
+                   knobs="scaling.cpus_per_worker / scaling.num_workers")
+
+
 CHECKPOINT_RULES = ("best", "latest")
 
 
@@ -170,7 +179,8 @@ def _train_fn(config: dict[str, Any]) -> None:
     train_loop_per_worker(config)
 
 
-def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | None = None,
+          num_cpus: int | None = None) -> TrainResult:
     """Train ``cfg`` on Ray Train and return where the checkpoints and metrics went.
 
     Args:
@@ -178,13 +188,17 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
         tracker: a started :class:`raysemiseg.tune.tracking.Tracker` (default: one is made from
             ``cfg.tracking`` when enabled).
         ray_address: passed to :func:`ensure_ray`.
+        num_cpus: logical CPUs of a local Ray started here (default: the run's :func:`cpu_need`,
+            at least the cores).
 
     Raises:
+        ValueError: the Ray CPU budget cannot fit the workers plus their data tasks
+            (:func:`cpu_need`; fails at once instead of hanging).
         ray.train.TrainingFailedError: the workers failed more than ``run.max_failures`` times.
     """
     from raysemiseg.tune.tracking import Tracker
 
-    ensure_ray(ray_address)
+    ensure_ray(ray_address, num_cpus, need=cpu_need(cfg))
     own_tracker = tracker is None and cfg.tracking.enabled
     if own_tracker:
         tracker = Tracker.for_run(cfg)

@@ -11,10 +11,11 @@ Optimisation (DeepLab, Chen et al. 2015; per-method overrides through optimizer 
   ``T`` = epochs * steps per epoch, applied to every parameter group's own initial lr;
 * SGD momentum 0.9, weight decay 5e-4, or Adam (``optim.optimizer`` or the group's override);
 * each group steps on the sum of its own losses: loss keys ``"group/name"`` go to ``group``,
-  unprefixed keys to ``"main"``; gradients are taken with ``torch.autograd.grad`` w.r.t. the
-  group's parameters only (so a discriminator loss never moves the segmenter and vice versa),
-  averaged over workers with one all_reduce per group (parameters without a gradient count as
-  zero on every rank, so ranks never disagree on the collective);
+  unprefixed keys to ``"main"``; gradients are taken with ``torch.autograd.backward(inputs=...)``
+  w.r.t. the group's parameters only (so a discriminator loss never moves the segmenter and vice versa),
+  averaged over workers by torch DDP, one ``DistributedDataParallel`` per group
+  (:class:`GradSync`: bucketed all-reduce overlapped with the backward pass; parameters without
+  a gradient count as zero, ones unused on every worker keep no gradient);
 * AMP (float16 autocast + GradScaler) on CUDA when ``optim.amp``; ignored on CPU.
 """
 
@@ -116,27 +117,79 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def allreduce_grads(params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor | None]:
-    """Average gradients over workers with one all_reduce.
+class _GroupParams(nn.Module):
+    """One optimizer group's parameters (the same ``Parameter`` objects, not copies) for DDP.
 
-    A ``None`` gradient counts as zero in the average; a parameter with no gradient on *any*
-    worker keeps ``None`` (so weight decay / momentum leave it alone, as in single-process
-    training). The used-flags travel in the same all_reduce buffer.
+    ``forward(loss)`` returns ``loss`` unchanged: passing the group's summed loss through the DDP
+    wrapper is what lets DDP find, from that loss's autograd graph, which of the group's parameters
+    take part in this step (``find_unused_parameters``), whatever module computed it.
     """
-    _, world = _world()
-    if world == 1 or not params:
-        return list(grads)
-    filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    used = torch.tensor([0.0 if g is None else 1.0 for g in grads], dtype=filled[0].dtype, device=filled[0].device)
-    flat = torch.cat([g.reshape(-1) for g in filled] + [used])
-    dist.all_reduce(flat)
-    out: list[Tensor | None] = []
-    i = 0
-    n_used = flat[-len(params):].tolist()
-    for j, g in enumerate(filled):
-        out.append(None if n_used[j] == 0 else (flat[i:i + g.numel()] / world).view_as(g))
-        i += g.numel()
-    return out
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.group = nn.ParameterList(params)
+
+    def forward(self, loss: Tensor) -> Tensor:
+        return loss
+
+
+class GradSync:
+    """Per-optimizer-group gradient averaging over the workers with torch DDP.
+
+    One :class:`torch.nn.parallel.DistributedDataParallel` per optimizer group (the group's
+    trainable parameters, in a :class:`_GroupParams`), so each group's backward pass
+    (``torch.autograd.backward(loss_g, inputs=group params)``, see :func:`train_step`) fires only
+    that group's DDP hooks: bucketed all-reduce (25 MB buckets, gradients as bucket views)
+    overlapped with the rest of the backward pass. ``find_unused_parameters=True`` gives the
+    semantics of single-process training: a parameter without a gradient on a worker counts as
+    zero in the average, and one without a gradient on *every* worker keeps ``grad=None`` (so
+    momentum and weight decay leave it alone, e.g. a head a stage does not use).
+
+    With one process (no ``torch.distributed`` group, or world size 1) nothing is wrapped and
+    the backward passes are the plain ones.
+
+    Args:
+        optimizers: the run's optimizers (:func:`build_optimizers`); their order must be the same on
+            every worker (it is: ``Method.optimizer_groups`` order).
+        device: the worker's device (``device_ids`` of a CUDA DDP).
+
+    Raises:
+        ValueError: a parameter is in two groups (DDP would reduce it twice).
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], device: torch.device | None = None) -> None:
+        self.params: dict[str, list[Tensor]] = {
+            name: [p for pg in opt.param_groups for p in pg["params"] if p.requires_grad]
+            for name, opt in optimizers.items()}
+        seen: dict[int, str] = {}
+        for name, ps in self.params.items():
+            for p in ps:
+                if id(p) in seen:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is in optimizer groups "
+                                     f"{seen[id(p)]!r} and {name!r}; each parameter belongs to one group")
+                seen[id(p)] = name
+        self.rank, self.world = _world()
+        self.ddp: dict[str, nn.Module] = {}
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            cuda = device is not None and device.type == "cuda"
+            for name, ps in self.params.items():
+                if ps:
+                    self.ddp[name] = DDP(_GroupParams(ps), device_ids=[device.index] if cuda else None,
+                                         find_unused_parameters=True,
+                                         gradient_as_bucket_view=True)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether gradients are averaged over more than one worker."""
+        return bool(self.ddp)
+
+    def attach(self, name: str, loss: Tensor) -> Tensor:
+        """``loss`` of group ``name`` routed through the group's DDP (unchanged on one process):
+        call right before that group's backward pass, once per step."""
+        ddp = self.ddp.get(name)
+        return loss if ddp is None else ddp(loss)
 
 
 def broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
@@ -155,12 +208,35 @@ def broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
 
 
 def train_step(method: nn.Module, batch: Any, optimizers: dict[str, torch.optim.Optimizer],
-               scaler: torch.amp.GradScaler, *, amp: bool, grad_clip: float | None = None) -> dict[str, float]:
-    """Forward, per-group gradients, all_reduce, step. Returns the loss values (floats).
+               scaler: torch.amp.GradScaler, *, amp: bool, grad_clip: float | None = None,
+               sync: GradSync | None = None) -> dict[str, float]:
+    """Forward, one backward pass per optimizer group (DDP-averaged over workers), step.
+
+    Each group's backward is ``torch.autograd.backward(scale(loss_g), inputs=group params)``:
+    a group's loss moves only its own parameters (a discriminator loss never moves the segmenter).
+    All groups' gradients are taken before any optimizer steps (no in-place update under a live
+    graph). Groups run in ``optimizers`` order, the same on every worker. On more than one worker
+    every group with trainable parameters takes part in every step, so DDP's collectives always
+    match: a group with no loss on this worker's batch gets a graph-attached zero (its
+    parameters count as zero gradient in the average); on one worker such a group is not stepped.
+    The GradScaler sees the same (averaged) gradients on every worker, so its inf checks, skipped
+    steps and scale updates are identical everywhere.
+
+    Args:
+        batch: a :class:`~raysemiseg.methods.base.Batch` on the training device.
+        sync: the run's :class:`GradSync` (built once, after the optimizers); None = one process.
+
+    Returns:
+        The loss values (floats), by loss key.
 
     Raises:
+        ValueError: the method returned no losses, or ``sync`` is None on more than one worker.
         FloatingPointError: a loss is NaN/inf without AMP (names the losses and batch ids).
     """
+    if sync is None:
+        if _world()[1] > 1:
+            raise ValueError("train_step on more than one worker needs the run's GradSync (sync=GradSync(optimizers))")
+        sync = GradSync(optimizers)
     device_type = batch.images.device.type
     with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=amp):
         losses = method.compute_losses(batch)
@@ -170,21 +246,20 @@ def train_step(method: nn.Module, batch: Any, optimizers: dict[str, torch.optim.
     values = {k: float(v.detach()) for k, v in losses.items()}
     if not amp and not all(np.isfinite(v) for v in values.values()):
         raise FloatingPointError(f"non-finite loss {values} on rows {batch.image_ids[:8]}")
-    names = list(by_group)
-    pending: list[tuple[str, list[Tensor], list[Tensor]]] = []
-    for i, gname in enumerate(names):
+    order = [g for g in optimizers if sync.params[g] and (g in by_group or g in sync.ddp)]
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    for i, gname in enumerate(order):
+        params = sync.params[gname]
+        terms = by_group.get(gname)
+        total = sum(terms.values()) if terms else sum(p.sum() * 0.0 for p in params)
+        torch.autograd.backward(scaler.scale(sync.attach(gname, total)), inputs=params,
+                                retain_graph=i < len(order) - 1)
+    for gname in order:
         opt = optimizers[gname]
-        params = [p for pg in opt.param_groups for p in pg["params"] if p.requires_grad]
-        total = sum(by_group[gname].values())
-        grads = torch.autograd.grad(scaler.scale(total), params, retain_graph=i < len(names) - 1, allow_unused=True)
-        pending.append((gname, params, list(grads)))
-    for gname, params, grads in pending:  # step after all grads: no in-place update under a live graph
-        opt = optimizers[gname]
-        for p, g in zip(params, allreduce_grads(params, grads)):
-            p.grad = g
         if grad_clip is not None:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            torch.nn.utils.clip_grad_norm_(sync.params[gname], grad_clip)
         scaler.step(opt)
         opt.zero_grad(set_to_none=True)
     scaler.update()
@@ -195,13 +270,16 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
                     scaler: torch.amp.GradScaler, *, steps: int, start_step: int, total_steps: int,
                     poly_power: float, device: torch.device, amp: bool, grad_clip: float | None,
                     mean: Any, std: Any, fault_step: int | None = None, fault_marker: str | None = None,
-                    warmup_steps: int = 2) -> dict[str, float]:
+                    warmup_steps: int = 2, sync: GradSync | None = None) -> dict[str, float]:
     """Run ``steps`` optimisation steps; returns averaged losses (``train/<name>``, ``train/loss``),
     the mean fraction of strong rows per batch (``train/strong_fraction``), lr and steady-state
     images/s.
 
     ``train_images_per_s`` counts only steps after the first ``warmup_steps`` (data pipeline
-    start-up, allocator warm-up) when the epoch has more steps than that.
+    start-up, allocator warm-up) when the epoch has more steps than that; over the same steps,
+    ``time/data_wait_s`` (waiting for the sampler's rows), ``time/to_device_s`` (collate:
+    normalise, stack, copy to the device) and ``time/step_s`` (:func:`train_step`) are the mean
+    seconds per step (this worker's host clock).
     """
     method.train()
     sums: dict[str, float] = defaultdict(float)
@@ -209,6 +287,8 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
     t_start = None
     lr = 0.0
     rank, _ = _world()
+    timing: dict[str, float] = defaultdict(float)
+    timed = 0
     for i in range(steps):
         step = start_step + i
         if fault_step is not None and step + 1 == fault_step and rank == 0 and fault_marker \
@@ -222,8 +302,17 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
         if i == min(warmup_steps, steps - 1):
             t_start, images = time.perf_counter(), 0
         lr = set_lr(optimizers, poly_factor(step, total_steps, poly_power))
-        batch = collate(sampler.next(), mean, std, device)
-        values = train_step(method, batch, optimizers, scaler, amp=amp, grad_clip=grad_clip)
+        t_a = time.perf_counter()
+        rows = sampler.next()
+        t_b = time.perf_counter()
+        batch = collate(rows, mean, std, device)
+        t_c = time.perf_counter()
+        values = train_step(method, batch, optimizers, scaler, amp=amp, grad_clip=grad_clip, sync=sync)
+        if t_start is not None:  # steady-state time split (host clock; the step syncs on its loss values)
+            timing["data_wait_s"] += t_b - t_a
+            timing["to_device_s"] += t_c - t_b
+            timing["step_s"] += time.perf_counter() - t_c
+            timed += 1
         for k, v in values.items():
             sums[k] += v
         sums["loss"] += sum(values.values())
@@ -235,6 +324,7 @@ def train_one_epoch(method: nn.Module, sampler: BatchSampler, optimizers: dict[s
     out = {f"train/{k}": v / steps for k, v in sums.items()}
     out["lr"] = lr
     out["train_images_per_s"] = images / elapsed if elapsed > 0 else float("nan")
+    out.update({f"time/{k}": v / max(timed, 1) for k, v in timing.items()})
     return out
 
 
@@ -538,6 +628,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = load_train_state(d, method, optimizers, scaler, device)
         start_epoch, global_step = state["epoch"], state["global_step"]
+    sync = GradSync(optimizers, device)  # DDP per optimizer group (after the resume: same weights everywhere)
 
     steps = int(config["steps_per_epoch"])
     total_steps = steps * cfg.optim.epochs
@@ -555,7 +646,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_metrics = train_one_epoch(
             method, sampler, optimizers, scaler, steps=steps, start_step=global_step, total_steps=total_steps,
             poly_power=cfg.optim.poly_power, device=device, amp=amp, grad_clip=cfg.optim.grad_clip,
-            mean=mean, std=std, fault_step=cfg.run.inject_fault_at_step, fault_marker=config.get("fault_marker"))
+            mean=mean, std=std, fault_step=cfg.run.inject_fault_at_step, fault_marker=config.get("fault_marker"),
+            sync=sync)
         global_step += steps
         broadcast_state(method, buffers_only=True)  # BN statistics of rank 0 everywhere (what is saved)
         val = evaluate(method, val_shard, space.num_classes, space.ignore_index, device, mean=mean, std=std,

@@ -240,7 +240,11 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     root = root.resolve()
     sweep_dir = root / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources))
+    from raysemiseg.runtime import CpuNeed
+
+    per_trial = CpuNeed(held=0.0, data=base["cpus_per_trial"], per_node=base["cpus_per_trial"],
+                        what=f"one trial of sweep {sweep.name!r}", knobs="labels.cpus_per_trial, resources.local_num_cpus")
+    ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources, per_trial), need=per_trial)
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
     need = base["cpus_per_trial"]
     fits = int(math.floor(cpus / need + 1e-9))

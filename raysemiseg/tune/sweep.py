@@ -301,11 +301,24 @@ def trial_cpus(base: dict[str, Any], res: SweepResources) -> float:
     return res.driver_cpus + sc["num_workers"] * sc["cpus_per_worker"] + res.data_cpus
 
 
-def local_cpus(res: SweepResources) -> int:
-    """Logical CPUs of a local Ray started for a sweep: ``res.local_num_cpus`` or cores + 1."""
+def local_cpus(res: SweepResources, need: Any | None = None) -> int:
+    """Logical CPUs of a local Ray started for a sweep: ``res.local_num_cpus``, else cores + 1,
+    raised to ``ceil(need.total)`` (one trial: a :class:`raysemiseg.runtime.CpuNeed`)."""
     import os
 
-    return res.local_num_cpus or max(os.cpu_count() or 1, 2) + 1
+    default = max(os.cpu_count() or 1, 2) + 1
+    return res.local_num_cpus or (max(default, math.ceil(need.total - 1e-9)) if need is not None else default)
+
+
+def trial_cpu_need(base: dict[str, Any], res: SweepResources, sweep_name: str) -> Any:
+    """:func:`trial_cpus` as a :class:`raysemiseg.runtime.CpuNeed` (for :func:`~raysemiseg.runtime.ensure_ray`)."""
+    from raysemiseg.runtime import CpuNeed
+
+    sc = base["scaling"]
+    return CpuNeed(held=res.driver_cpus + sc["num_workers"] * sc["cpus_per_worker"], data=res.data_cpus,
+                   per_node=sc["cpus_per_worker"], what=f"one trial of sweep {sweep_name!r}",
+                   knobs="the base config's scaling.cpus_per_worker / scaling.num_workers, resources.data_cpus, "
+                         "resources.local_num_cpus")
 
 
 def require_state_api(timeout_s: float = 15.0) -> None:
@@ -501,7 +514,8 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
     sweep_dir = root / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
-    ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources))
+    need = trial_cpu_need(base, sweep.resources, sweep.name)
+    ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources, need), need=need)
     require_state_api()
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
     concurrency = plan_concurrency(cpus, base, sweep.resources)
