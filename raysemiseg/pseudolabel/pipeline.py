@@ -931,6 +931,10 @@ def run_pipeline(recipe: Recipe, store_path: str | Path, out: str | Path, *, che
     checkpoint = checkpoint or recipe.checkpoint
     if recipe.needs_run_checkpoint and not checkpoint:
         raise ValueError(f"recipe {recipe.name!r} has a model stage; pass --checkpoint CHECKPOINT_DIR")
+    if recipe.needs_run_checkpoint:  # a checkpoint dir, a run folder (its newest) or a URI -> a local dir
+        from raysemiseg.train.checkpoint import local_checkpoint
+
+        checkpoint = str(local_checkpoint(checkpoint))
     out = Path(out)
     plan = plan_shards(store, recipe)
     _prepare_out(out, recipe, plan, overwrite)
