@@ -171,7 +171,10 @@ def local_checkpoint(path: str | Path, cache_dir: str | Path | None = None) -> P
         return dest
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-    pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for rel in stamp["files"]:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(p.rstrip("/") + "/" + rel) as src, open(tmp / rel, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     (tmp / ".source.json").write_text(json.dumps(stamp, sort_keys=True))
     if dest.exists():
         shutil.rmtree(dest, ignore_errors=True)
