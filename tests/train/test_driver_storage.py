@@ -54,7 +54,7 @@ def test_file_uri_storage_end_to_end(ray_session, sample_store, tmp_path, make_c
     assert local_checkpoint(res.best_checkpoint) == copy
     newest = local_checkpoint(res.run_dir)
     assert json.loads((newest / ".source.json").read_text())["uri"] == max(
-        f"{root}/uri/{p.name}" for p in (runs / "uri").glob("checkpoint_*"))
+        f"{root}/uri/{p.name}" for p in (runs / "uri").glob("checkpoint_*") if p.is_dir())
 
     # raysemiseg eval --checkpoint <URI>: the same scores as the local directory
     assert cli_main(["eval", "--checkpoint", res.best_checkpoint, "--store", str(sample_store), "--split", "val",

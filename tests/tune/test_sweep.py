@@ -159,6 +159,15 @@ def test_sweep_refuses_a_cluster_without_state_api(tmp_path):
     assert "REFUSED: a Tune sweep needs Ray's State API" in proc.stdout and "--include-dashboard" in proc.stdout
 
 
+def test_state_api_is_asked_at_the_connected_cluster(ray_session):
+    """The State API check goes to this process's cluster (its GCS address), not whichever Ray
+    instance of the host is found first (other Ray instances run on this machine)."""
+    from raysemiseg.tune.sweep import require_state_api, state_api_address
+
+    assert state_api_address() == ray_session.get_runtime_context().gcs_address
+    require_state_api(timeout_s=30)
+
+
 def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, sample_split, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
