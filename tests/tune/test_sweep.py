@@ -184,7 +184,11 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
     earlier.log_params({"sweep": {"scheduler": {"grace_period": 99}}})
     earlier.end("FINISHED")
     before = created_placement_groups()
-    result = run_sweep(write_sweep(tmp_path))
+    # the sweep folder as a URI (was refused: "must be local"); MLflow's SQLite store lands in its folder
+    sweeps_uri = (tmp_path / "runs" / "sweeps").as_uri()
+    result = run_sweep(write_sweep(tmp_path, storage_path=sweeps_uri))
+    assert result.sweep_dir == f"{sweeps_uri}/tiny_bias" and result.best_config_path == f"{sweeps_uri}/tiny_bias/best.yaml"
+    assert (tmp_path / "runs" / "sweeps" / "tiny_bias" / "tune").is_dir()       # Tune's experiment under the URI
     assert result.parent_run_id != earlier.run_id
     out = capsys.readouterr().out
     assert "sweep tiny_bias: 2 trials" in out and "best:" in out
@@ -215,7 +219,7 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
         time.sleep(1)
     assert not created_placement_groups() - before, "a stopped trial's placement group was never removed"
 
-    cfg = load_config(result.best_config_path)
+    cfg = load_config(tmp_path / "runs" / "sweeps" / "tiny_bias" / "best.yaml")
     assert cfg.method.name == "wssl" and cfg.run.name == "tiny_bias-best"
     best = result.rows[0]
     assert cfg.method.params["b_fg"] == best["values"]["method.params.b_fg"]
