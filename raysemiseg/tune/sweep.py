@@ -331,13 +331,15 @@ def local_cpus(res: SweepResources) -> int:
     return res.local_num_cpus or max(os.cpu_count() or 1, 2) + 1
 
 
-def state_api_address() -> str:
-    """The address the State API is asked at: the connected cluster's GCS address
-    (``ray.get_runtime_context().gcs_address``; Ray looks the dashboard up from it), so the check
-    is about this process's cluster, not another Ray instance on the same host."""
+def state_api_address() -> str | None:
+    """The State API (dashboard) URL of the cluster this process is connected to
+    (``ray.init().address_info["webui_url"]``, here read from the connected node), or None when
+    that cluster has no dashboard; asking it, not Ray's auto-detection, keeps the check on this
+    process's cluster when other Ray instances run on the host."""
     import ray
 
-    return ray.get_runtime_context().gcs_address
+    url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    return f"http://{url}" if url and "://" not in url else (url or None)
 
 
 def require_state_api(timeout_s: float = 15.0) -> None:
@@ -358,7 +360,10 @@ def require_state_api(timeout_s: float = 15.0) -> None:
     from ray.util.state import list_actors
 
     try:
-        list_actors(address=state_api_address(), limit=1, timeout=int(timeout_s), raise_on_missing_output=False)
+        address = state_api_address()
+        if not address:
+            raise ConnectionError("the connected cluster has no dashboard (webui_url is empty)")
+        list_actors(address=address, limit=1, timeout=int(timeout_s), raise_on_missing_output=False)
     except Exception as e:  # RayStateApiException, ConnectionError, ValueError (no dashboard in GCS)...
         raise RuntimeError(
             "a Tune sweep needs Ray's State API (served by the dashboard): without it Ray Train cannot free the "

@@ -164,7 +164,7 @@ def test_state_api_is_asked_at_the_connected_cluster(ray_session):
     instance of the host is found first (other Ray instances run on this machine)."""
     from raysemiseg.tune.sweep import require_state_api, state_api_address
 
-    assert state_api_address() == ray_session.get_runtime_context().gcs_address
+    assert state_api_address() == "http://" + ray_session._private.worker.global_worker.node.address_info["webui_url"]
     require_state_api(timeout_s=30)
 
 
