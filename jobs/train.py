@@ -2,6 +2,10 @@
 
     ray job submit --working-dir . -- python jobs/train.py --config configs/methods/strong_only.yaml
     python jobs/train.py --config configs/methods/strong_only.yaml --set optim.epochs=2
+
+On a cluster of several nodes every path of the config (data.store, data.split_file,
+data.label_store, run.storage_path) must be absolute and on a filesystem every node mounts, or a
+URI (run.storage_path: s3://...): anything else is refused before any work starts (exit 2).
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"jobs/train.py: error: {e}", file=sys.stderr)
         return 2
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ValueError as e:  # refused before any work: paths other nodes cannot see, a changed config, a bad plan
+        print(f"jobs/train.py: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
                       "val_miou": result.metrics.get("val_miou"), "epoch": result.metrics.get("epoch"),
                       "num_workers": result.metrics.get("num_workers"), "num_nodes": result.metrics.get("num_nodes"),

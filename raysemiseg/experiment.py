@@ -154,7 +154,7 @@ class ArmResult:
     """Where an arm's training ended and how it scored."""
 
     name: str
-    checkpoint: Path
+    checkpoint: str  # a local path, or a URI for a URI run.storage_path
     eval: Any  # raysemiseg.eval.predict.EvalResult
     train_s: float
     steps: dict[str, str] = field(default_factory=dict)
@@ -330,11 +330,12 @@ def _train_config(ecfg: ExperimentConfig, step: StepDef, arm: str, env: dict[str
     return load_config(raw, overrides={**fixed, **over})
 
 
-def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> tuple[Path, float]:
+def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> tuple[str, float]:
     """Train (resuming a killed run) unless ``step.json`` says the step finished; returns the checkpoint
     to hand on (:attr:`TrainResult.checkpoint`: the best by val mIoU, ties to the later one; the
     latest for a method's auxiliary stages, whose val mIoU scores a frozen segmenter) and the time."""
-    from raysemiseg.train.driver import train
+    from raysemiseg import storage
+    from raysemiseg.train.driver import run_location, train
     from raysemiseg.tune.tracking import Tracker
 
     import hashlib
@@ -347,10 +348,10 @@ def _run_train(cfg: TrainConfig, step_dir: Path, parent_run_id: str | None) -> t
         info = json.loads(done.read_text())
         if info.get("config_digest") not in (None, digest):
             raise ValueError(f"step {cfg.run.name}: its config changed since it finished ({done}); delete {step_dir} "
-                             f"and {Path(cfg.run.storage_path) / cfg.run.name} to retrain it, or rename the experiment")
-        if Path(info["checkpoint"]).is_dir():
+                             f"and {run_location(cfg)} to retrain it, or rename the experiment")
+        if storage.exists(info["checkpoint"], "dir"):  # a local path or a URI (run.storage_path: s3://...)
             _say(f"  {cfg.run.name}: done earlier ({info['checkpoint']})")
-            return Path(info["checkpoint"]), float(info["train_s"])
+            return str(info["checkpoint"]), float(info["train_s"])
     tracker = Tracker.for_run(cfg, parent_run_id=parent_run_id) if cfg.tracking.enabled else None
     if tracker is not None:
         tracker.start()
@@ -509,7 +510,7 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
             aenv = dict(env)
             if arm.split is not None:
                 aenv["split_file"] = str(ensure_split(store, arm.split, work / f"split-{arm.name}.parquet"))
-            last: Path | None = None
+            last: str | None = None
             train_s = 0.0
             steps: dict[str, str] = {}
             for step in arm.steps:

@@ -7,7 +7,9 @@ The nodes use Ray's default node IP: a separate driver cannot join a cluster who
 
 The cluster runs in a subprocess (``ray.cluster_utils.Cluster``: real GCS, two raylets) so the
 test session's own Ray is undisturbed; each node offers one ``train_slot`` custom resource and
-each worker asks for one, so the two workers must land on different nodes.
+each worker asks for one, so the two workers must land on different nodes. On the same cluster, a
+config whose storage path is relative is refused before any work starts (each node's workers would
+resolve it against their own working directory).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     cluster.wait_for_nodes()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
-        proc = subprocess.run([sys.executable, sys.argv[1], "--config", sys.argv[2], "--address", cluster.address],
-                              env=env, capture_output=True, text=True, timeout=480)
-        sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr[-6000:])
-        sys.exit(proc.returncode)
+        for cfg in sys.argv[2:]:   # one JSON line per run: exit code, last stdout line, stderr tail
+            proc = subprocess.run([sys.executable, sys.argv[1], "--config", cfg, "--address", cluster.address],
+                                  env=env, capture_output=True, text=True, timeout=420, cwd=os.path.dirname(cfg))
+            lines = proc.stdout.strip().splitlines()
+            print(json.dumps({"rc": proc.returncode, "out": lines[-1] if lines else "",
+                              "err": proc.stderr[-4000:]}), flush=True)
     finally:
         cluster.shutdown()
 """)
@@ -57,13 +60,22 @@ def test_two_node_cluster_trains_one_worker_per_node(sample_store, tmp_path) -> 
     }
     cfg_path = tmp_path / "two_nodes.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
+    relative = {**cfg, "run": {**cfg["run"], "name": "relative", "storage_path": "rel-runs"}}
+    rel_path = tmp_path / "relative.yaml"
+    rel_path.write_text(yaml.safe_dump(relative))
     script = tmp_path / "cluster.py"
     script.write_text(CLUSTER_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "jobs" / "train.py"), str(cfg_path)],
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "jobs" / "train.py"), str(rel_path), str(cfg_path)],
                           capture_output=True, text=True, timeout=560, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    refused, trained = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    # the relative storage path: refused up front (exit 2), saying what to set, nothing written
+    assert refused["rc"] == 2, refused["err"]
+    assert "run.storage_path='rel-runs' is relative" in refused["err"] and "cluster of 2 nodes" in refused["err"]
+    assert "s3://" in refused["err"] and not (tmp_path / "rel-runs").exists()
+    assert trained["rc"] == 0, trained["err"]
+    out = json.loads(trained["out"])
     assert out["num_workers"] == 2 and out["num_nodes"] == 2
     assert out["epoch"] == 1 and 0.0 <= out["val_miou"] <= 1.0
     assert Path(out["best_checkpoint"]).is_dir()

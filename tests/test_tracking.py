@@ -119,3 +119,15 @@ def test_default_store_is_embedded_sqlite_and_env_overrides(tmp_path, monkeypatc
         monkeypatch.delenv("MLFLOW_TRACKING_URI")
         resolve_tracking_uri(None, "s3://bucket/runs")
     assert flatten({"a": {"b": 1, "c": {}}, "d": [1]}) == {"a.b": "1", "a.c": "{}", "d": "[1]"}
+
+
+def test_a_metric_that_cannot_be_logged_is_an_error(tmp_path) -> None:
+    """The controller callback raises (Ray Train then fails the run with ControllerError) instead of
+    logging a warning and leaving a gap in the curves: here the run does not exist in the store."""
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()                      # creates the (empty) store
+    cb = MLflowCallback(uri, "0" * 32)
+    with pytest.raises(MlflowException):
+        cb.after_report(None, [{"epoch": 1, "val_miou": 0.5}], None)

@@ -187,8 +187,9 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
     """
     from raysemiseg.data.store import open_store
     from raysemiseg.methods.base import get_method
-    from raysemiseg.train.checkpoint import CONFIG_FILE, label_space_of, load_method, read_meta
+    from raysemiseg.train.checkpoint import CONFIG_FILE, label_space_of, load_method, local_checkpoint, read_meta
 
+    checkpoint = local_checkpoint(checkpoint)  # a checkpoint dir, a run folder, or a URI (file://, s3://...)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     st = open_store(store)
     meta = read_meta(checkpoint)

@@ -328,6 +328,7 @@ def resolve_stage_checkpoints(recipe: Recipe, checkpoint: str | Path | None) -> 
         ValueError: a model stage without any checkpoint (names ``--checkpoint``).
         FileNotFoundError: a path that holds no checkpoint.
     """
+    from raysemiseg.storage import is_uri
     from raysemiseg.train.checkpoint import MODEL_FILE, resolve_checkpoint
 
     out: dict[str, dict[str, str]] = {}
@@ -339,7 +340,7 @@ def resolve_stage_checkpoints(recipe: Recipe, checkpoint: str | Path | None) -> 
         if not ck:
             raise ValueError(f"recipe {recipe.name!r}: model stage {s.name!r} has no checkpoint; pass "
                              f"--checkpoint CHECKPOINT_DIR")
-        path = str(resolve_checkpoint(Path(ck).absolute()))
+        path = str(resolve_checkpoint(ck if is_uri(str(ck)) else Path(ck).absolute()))  # a URI -> a local copy
         if path not in shas:
             shas[path] = _sha256_file(Path(path) / MODEL_FILE)
         out[s.name] = {"path": path, "sha256": shas[path]}

@@ -8,11 +8,21 @@ image-label F1 when the validation rows have no masks, see :attr:`raysemiseg.tra
 MLflow callback of :mod:`raysemiseg.tune.tracking`. Rerunning with the same ``run.name`` and
 ``run.storage_path`` resumes from the latest checkpoint (Ray Train V2 restores the run's
 checkpoint history from storage and ``ray.train.get_checkpoint()`` hands the latest one to the
-workers).
+workers), but only under the same config: the run folder keeps ``raysemiseg_run.json`` (the
+config that started it and its digest, :func:`check_run_config`) and a rerun whose config differs
+in anything but the keys of :data:`RESUMABLE_KEYS` is refused, naming the changed keys.
+
+``run.storage_path`` may be a local path or a URI (``file://``, ``s3://``...): the run folder and
+the checkpoints of :class:`TrainResult` are then URIs too (strings with the scheme), which every
+checkpoint reader accepts (:func:`raysemiseg.train.checkpoint.local_checkpoint`). On a multi-node
+cluster the store, split file, label store and storage path must be visible to every node
+(:func:`raysemiseg.storage.require_shared_paths`, checked before any work starts).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -20,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raysemiseg.config import TrainConfig
+from raysemiseg import storage
+from raysemiseg.config import ConfigError, TrainConfig, dotted
 from raysemiseg.runtime import DATA_CPUS, CpuNeed, ensure_ray
 
 log = logging.getLogger(__name__)
@@ -29,6 +40,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     """What a finished (or resumed-and-finished) run leaves behind.
+
+    Locations are strings: absolute local paths for a local ``run.storage_path``, URIs with
+    their scheme (``file:///...``, ``s3://bucket/...``) for a URI one.
 
     Attributes:
         run_dir: ``storage_path/name`` (Ray Train's run folder with the checkpoints).
@@ -45,15 +59,78 @@ class TrainResult:
         checkpoint_rule: ``"best"`` or ``"latest"``, the rule that chose ``checkpoint``.
     """
 
-    run_dir: Path
-    best_checkpoint: Path | None
-    latest_checkpoint: Path | None
+    run_dir: str
+    best_checkpoint: str | None
+    latest_checkpoint: str | None
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
-    checkpoint: Path | None = None
+    checkpoint: str | None = None
     checkpoint_rule: str = "best"
+
+
+def checkpoint_location(ckpt: Any, storage_path: str) -> str | None:
+    """Where a Ray ``Checkpoint`` is, as the run's storage names it: its local path for a local
+    ``storage_path``, else ``<scheme>://<path>`` (Ray keeps ``Checkpoint.path`` without the scheme,
+    e.g. ``bucket/runs/r/checkpoint_...`` for ``s3://bucket/runs``)."""
+    if ckpt is None:
+        return None
+    if not storage.is_uri(storage_path):
+        return str(ckpt.path)
+    scheme = storage_path.split("://", 1)[0]
+    return f"{scheme}://{ckpt.path}"
+
+
+RUN_FILE = "raysemiseg_run.json"
+# keys a rerun may change and still resume: where it runs and how it is tracked, not what it trains;
+# optim.epochs extends (or shortens) a finished run (resumes from its last epoch)
+RESUMABLE_KEYS = ("optim.epochs", "run.max_failures", "run.inject_fault_at_step", "run.num_to_keep", "run.checkpoint_select",
+                  "scaling.", "tracking.", "eval.")
+
+
+def run_config_identity(cfg: TrainConfig) -> dict[str, str]:
+    """The flattened config that identifies a run (everything but :data:`RESUMABLE_KEYS`), values
+    as JSON text."""
+    flat = dotted(cfg.model_dump(mode="json"))
+    return {k: json.dumps(v, sort_keys=True) for k, v in sorted(flat.items())
+            if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)}
+
+
+def check_run_config(cfg: TrainConfig) -> str:
+    """Record the config of a new run in ``<run dir>/raysemiseg_run.json``, or check a rerun against it.
+
+    Returns:
+        The config digest (SHA-256 of :func:`run_config_identity`, 16 hex digits).
+
+    Raises:
+        ConfigError: the run folder holds a run started with another config; names the changed
+            keys with both values and says how to start a fresh run.
+    """
+    ident = run_config_identity(cfg)
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    path = storage.join(run_location(cfg), RUN_FILE)
+    if storage.exists(path, "file"):
+        old = json.loads(storage.read_text(path))
+        if old.get("digest") != digest:
+            before = old.get("config", {})
+            changed = sorted(k for k in set(before) | set(ident) if before.get(k) != ident.get(k))
+            shown = "; ".join(f"{k}: {before.get(k, '(unset)')} -> {ident.get(k, '(unset)')}" for k in changed[:8])
+            raise ConfigError(
+                f"run {cfg.run.name!r} in {cfg.run.storage_path} was started with another config and would resume "
+                f"from its checkpoints: {shown}{' ...' if len(changed) > 8 else ''}. Give the run a new run.name, "
+                f"or delete {run_location(cfg)} to start it again.")
+        return digest
+    storage.write_text(path, json.dumps({"digest": digest, "config": ident}, indent=1, sort_keys=True))
+    return digest
+
+
+def run_location(cfg: TrainConfig) -> str:
+    """``<run.storage_path>/<run.name>``: an absolute local path, or a URI for a URI storage path."""
+    sp = cfg.run.storage_path
+    if storage.is_uri(sp):
+        return storage.join(sp, cfg.run.name)
+    return str(Path(sp).resolve() / cfg.run.name)
 
 
 def local_path(path: str) -> Path | None:
@@ -193,12 +270,19 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
 
     Raises:
         ValueError: the Ray CPU budget cannot fit the workers plus their data tasks
-            (:func:`cpu_need`; fails at once instead of hanging).
+            (:func:`cpu_need`; fails at once instead of hanging), or a path other nodes of a
+            multi-node cluster cannot see (:func:`raysemiseg.storage.check_shared_paths`).
+        ConfigError: the run folder holds a run started with another config
+            (:func:`check_run_config`).
         ray.train.TrainingFailedError: the workers failed more than ``run.max_failures`` times.
     """
     from raysemiseg.tune.tracking import Tracker
 
     ensure_ray(ray_address, num_cpus, need=cpu_need(cfg))
+    storage.require_shared_paths({"data.store": cfg.data.store, "data.split_file": cfg.data.split_file,
+                                  "data.label_store": cfg.data.label_store, "run.storage_path": cfg.run.storage_path},
+                                 what=f"training run {cfg.run.name!r}")
+    check_run_config(cfg)
     own_tracker = tracker is None and cfg.tracking.enabled
     if own_tracker:
         tracker = Tracker.for_run(cfg)
@@ -211,23 +295,22 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
         if own_tracker:
             tracker.end("FAILED")
         raise
-    storage = local_path(cfg.run.storage_path)
-    run_dir = (storage / cfg.run.name) if storage is not None else Path(cfg.run.storage_path) / cfg.run.name
+    sp = cfg.run.storage_path
     best = select_checkpoint(result.best_checkpoints or [])
     rule = checkpoint_rule(cfg)
     chosen = select_checkpoint(result.best_checkpoints or [], rule, result.checkpoint)
-    latest = Path(result.checkpoint.path) if result.checkpoint is not None else None
     history = []
     if result.metrics_dataframe is not None and len(result.metrics_dataframe):
         history = result.metrics_dataframe.to_dict("records")
     metrics = dict(result.metrics or {})
-    if not metrics and best is not None:  # a no-op resume of a finished run: take the checkpoint's
+    best_loc = checkpoint_location(best, sp)
+    if not metrics and best_loc is not None:  # a no-op resume of a finished run: take the checkpoint's
         from raysemiseg.train.checkpoint import read_meta
 
-        metrics = read_meta(best.path)["metrics"]
-    out = TrainResult(run_dir=run_dir, best_checkpoint=Path(best.path) if best is not None else None,
-                      latest_checkpoint=latest, metrics=metrics, history=history,
-                      checkpoint=Path(chosen.path) if chosen is not None else None, checkpoint_rule=rule,
+        metrics = read_meta(best_loc)["metrics"]
+    out = TrainResult(run_dir=run_location(cfg), best_checkpoint=best_loc,
+                      latest_checkpoint=checkpoint_location(result.checkpoint, sp), metrics=metrics, history=history,
+                      checkpoint=checkpoint_location(chosen, sp), checkpoint_rule=rule,
                       mlflow_run_id=tracker.run_id if tracker is not None else None,
                       tracking_uri=tracker.tracking_uri if tracker is not None else None)
     if tracker is not None:

@@ -19,7 +19,8 @@ A sweep file::
     search_space:                                 # <stage name>.<param>, or free variables (no dot)
       diffusion.sigma: {grid: [1.0, 3.0, 9.0]}
       diffusion.seed_threshold: {grid: [0.5, 0.7]}
-    resources: {max_concurrent_trials: null}      # trials at once: floor(cluster CPUs / labels.cpus_per_trial)
+    resources: {max_concurrent_trials: null}      # trials at once: floor(cluster CPUs / labels.cpus_per_trial),
+                                                  # the autoscaler's maximum CPUs when the cluster has one
 
 MLflow: one parent run per sweep and one child run per trial (the trial's stage parameters as
 params, the scores as metrics, ``label_iou.txt``), through :mod:`raysemiseg.tune.tracking`. The best
@@ -47,8 +48,8 @@ def load_label_base(recipe_path: Path, sweep: Any) -> dict[str, Any]:
     recipe keys) applied and the ``labels`` section's local paths made absolute (trials run in
     Tune's folders).
 
-    Checkpoints may be checkpoint directories or Ray Train run folders (their newest checkpoint,
-    :func:`raysemiseg.train.checkpoint.resolve_checkpoint`).
+    Checkpoints may be checkpoint directories or Ray Train run folders (their newest checkpoint),
+    local or URIs (:func:`raysemiseg.train.checkpoint.find_checkpoint`).
 
     Raises:
         FileNotFoundError: the recipe, the image store or a checkpoint does not exist.
@@ -68,12 +69,13 @@ def load_label_base(recipe_path: Path, sweep: Any) -> dict[str, Any]:
     store = _abs(lab.store)
     if not (Path(store) / "store.json").is_file():
         raise FileNotFoundError(f"sweep {sweep.name!r}: labels.store {store} is not an image store (no store.json)")
-    from raysemiseg.train.checkpoint import resolve_checkpoint
+    from raysemiseg.train.checkpoint import find_checkpoint
 
+    # the checkpoint directory, found now (a missing one fails here); a URI stays a URI and each
+    # trial copies it on its own node (load_method -> local_checkpoint)
     return {"recipe": raw, "store": store, "split": lab.split, "max_rows": lab.max_rows,
-            "checkpoint": str(resolve_checkpoint(_abs(lab.checkpoint)).resolve()) if lab.checkpoint else None,
-            "stage_checkpoints": {k: str(resolve_checkpoint(_abs(v)).resolve())
-                                  for k, v in lab.stage_checkpoints.items()},
+            "checkpoint": find_checkpoint(_abs(lab.checkpoint)) if lab.checkpoint else None,
+            "stage_checkpoints": {k: find_checkpoint(_abs(v)) for k, v in lab.stage_checkpoints.items()},
             "cpus_per_trial": lab.cpus_per_trial, "experiment": lab.experiment, "tracking_uri": lab.tracking_uri}
 
 
@@ -211,18 +213,18 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
         :class:`raysemiseg.tune.sweep.SweepResult` (``best_config_path``: the best recipe YAML).
 
     Raises:
-        ValueError: one trial's CPUs do not fit the cluster, or ``max_concurrent_trials`` exceeds
-            what fits.
+        ValueError: one trial's CPUs can never fit the cluster, ``max_concurrent_trials`` exceeds
+            what fits, or a path / MLflow store other nodes cannot reach (multi-host cluster).
         RuntimeError: every trial failed (the first error is included).
     """
-    import ray
     from ray import tune
 
-    from raysemiseg.runtime import ensure_ray
-    from raysemiseg.train.driver import local_path
+    from raysemiseg import storage
+    from raysemiseg.runtime import CpuNeed, ensure_ray
     from raysemiseg.tune.sweep import (
         SweepResult,
         best_row,
+        cluster_plan,
         finish_parent,
         format_table,
         local_cpus,
@@ -234,28 +236,23 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
     root_str = sweep.storage_path or "runs/sweeps"
-    root = local_path(root_str)
-    if root is None:
-        raise ValueError(f"sweep storage {root_str!r} must be local (Tune experiment + MLflow SQLite store)")
-    root = root.resolve()
-    sweep_dir = root / sweep.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    from raysemiseg.runtime import CpuNeed
-
+    if not storage.is_uri(root_str):
+        root_str = str(Path(root_str).resolve())
+    sweep_dir = storage.join(root_str, sweep.name)
     per_trial = CpuNeed(held=0.0, data=base["cpus_per_trial"], per_node=base["cpus_per_trial"],
                         what=f"one trial of sweep {sweep.name!r}", knobs="labels.cpus_per_trial, resources.local_num_cpus")
     ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources, per_trial), need=per_trial)
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    nodes = storage.alive_nodes()
+    storage.check_shared_paths({"storage_path": root_str, "labels.store": base["store"],
+                                "labels.checkpoint": base["checkpoint"],
+                                **{f"labels.stage_checkpoints.{k}": v for k, v in base["stage_checkpoints"].items()}},
+                               nodes, what=f"sweep {sweep.name!r}")
     need = base["cpus_per_trial"]
-    fits = int(math.floor(cpus / need + 1e-9))
-    if fits < 1:
-        raise ValueError(f"one trial needs labels.cpus_per_trial={need} CPUs but the cluster has {cpus}")
-    cap = sweep.resources.max_concurrent_trials
-    if cap is not None and cap > fits:
-        raise ValueError(f"resources.max_concurrent_trials={cap} but only {fits} trials of {need} CPUs fit in {cpus}")
-    concurrency = min(fits, cap or fits)
+    now, concurrency = cluster_plan({"CPU": need}, sweep.resources.max_concurrent_trials)
+    cpus = now.get("CPU", 0.0)
 
-    uri, art = resolve_tracking_uri(base["tracking_uri"], str(root))
+    uri, art = resolve_tracking_uri(base["tracking_uri"], root_str)
+    storage.check_tracking_store(uri, nodes, what=f"sweep {sweep.name!r}")
     parent = Tracker(uri, base["experiment"], run_name=sweep.name, run_key=sweep_run_key(sweep_dir), artifact_location=art)
     parent.start()
     parent.set_tags({"raysemiseg.sweep": sweep.name, "raysemiseg.kind": "pseudolabel-sweep"})
@@ -267,14 +264,14 @@ def run_label_sweep(path: str | Path, sweep: Any, base: dict[str, Any], *, ray_a
     trainable = tune.with_resources(tune.with_parameters(run_label_trial, sweep=payload), {"CPU": need})
     tuner = tune.Tuner(trainable, param_space=param_space(sweep),
                        tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
-                       run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)))
+                       run_config=tune.RunConfig(name="tune", storage_path=sweep_dir))
     try:
         rows = result_rows(tuner.fit(), sweep, max_t=1)
         table = format_table(rows, sweep)
         best = best_row(rows, sweep)
         best_recipe = label_trial_recipe(base, best["sampled"], sweep.derived)
-        best_path = sweep_dir / "best.yaml"
-        best_path.write_text(f"# best trial {best['trial']} of sweep {sweep.name} ({sweep.metric} {best['best']:.4f})\n"
+        best_path = storage.join(sweep_dir, "best.yaml")
+        storage.write_text(best_path, f"# best trial {best['trial']} of sweep {sweep.name} ({sweep.metric} {best['best']:.4f})\n"
                              + yaml.safe_dump(json.loads(best_recipe.model_dump_json(exclude_defaults=True)),
                                               sort_keys=False))
         finish_parent(parent, sweep, best, rows, table, best_path)

@@ -26,14 +26,24 @@ A sweep file (``configs/sweeps/*.yaml``)::
 Dimension kinds: ``grid`` (every value, crossed with the other grids), ``choice`` (random pick),
 ``uniform`` / ``loguniform`` ([low, high]), ``randint`` ([low, high), integers).
 
-Resource budget (no deadlock on a small cluster): a trial holds ``driver_cpus`` (the Tune trial
-process, which only waits on the trainer; 0 CPUs and ``driver_memory_mb`` by default, because a
-fractional CPU there would leave less than one whole CPU for a Data task on a small machine and
-deadlock it), ``scaling.num_workers * scaling.cpus_per_worker`` for
-the Train workers (the Train controller takes 0 CPUs), and must leave ``data_cpus`` free for its
-Ray Data read/augment tasks. Concurrency = ``floor(cluster CPUs / (driver + workers + data))``
-(at least 1), capped by ``max_concurrent_trials``; an explicit cap that does not fit is an error
-before any work starts. On a 2-CPU machine with one 1-CPU worker this gives 1 trial at a time.
+Resource budget (no deadlock on a small cluster), :func:`trial_resources`: a trial holds
+``driver_cpus`` (the Tune trial process, which only waits on the trainer; 0 CPUs and
+``driver_memory_mb`` by default, because a fractional CPU there would leave less than one whole
+CPU for a Data task on a small machine and deadlock it), its Train workers
+(``scaling.num_workers`` x (``cpus_per_worker`` CPUs, 1 GPU with ``use_gpu``, and
+``resources_per_worker``); the Train controller takes 0 CPUs), and must leave ``data_cpus`` free
+for its Ray Data read/augment tasks. :func:`plan_concurrency` divides a cluster's resources by
+that, resource by resource: the autoscaler's maximum (``cluster.yaml``'s ``max_workers`` of each
+node type) when the cluster has one, else the cluster as it is now. When the cluster cannot hold
+one trial now but may grow, it warns and leaves the trials to Tune's queue; ``max_concurrent_trials``
+caps the result, and a cap or a trial that can never fit is an error before any work starts. On a
+2-CPU machine with one 1-CPU worker this gives 1 trial at a time.
+
+Storage: ``storage_path`` (or the base's ``run.storage_path``) may be a URI (``s3://...``,
+``file://...``): Tune's experiment, the trials' Train runs and ``best.yaml`` go there; MLflow then
+needs ``tracking.tracking_uri`` (the embedded SQLite store needs a local folder). On a cluster
+spanning several hosts the MLflow store must be a server (trials log from any node) and local
+paths must be shared (:mod:`raysemiseg.storage`).
 
 MLflow (through :mod:`raysemiseg.tune.tracking`): one parent run per sweep (the sweep file as
 params and artifact, the results table, the best config, ``best_<metric>``), one child run per
@@ -56,6 +66,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from raysemiseg import storage
 from raysemiseg.config import ConfigError, StrictModel, TrainConfig, dump_config, load_config
 
 log = logging.getLogger(__name__)
@@ -295,10 +306,22 @@ def trial_config(base: dict[str, Any], values: dict[str, Any], derived: dict[str
     return load_config(copy.deepcopy(base), overrides=overrides)
 
 
+def trial_resources(base: dict[str, Any], res: SweepResources) -> dict[str, float]:
+    """Resources one trial needs (see the module docstring): ``{"CPU": driver + workers x
+    cpus_per_worker + data, "GPU": workers (use_gpu), <custom>: workers x amount}``, zero entries
+    left out. Memory is not counted (Ray schedules the trial process's ``driver_memory_mb`` itself)."""
+    sc = base["scaling"]
+    n = int(sc["num_workers"])
+    need = {"CPU": res.driver_cpus + n * float(sc["cpus_per_worker"]) + res.data_cpus,
+            "GPU": float(n) if sc.get("use_gpu") else 0.0}
+    for k, v in (sc.get("resources_per_worker") or {}).items():
+        need[k] = need.get(k, 0.0) + n * float(v)
+    return {k: v for k, v in need.items() if v > 0}
+
+
 def trial_cpus(base: dict[str, Any], res: SweepResources) -> float:
     """CPUs one trial needs: Tune driver + Train workers + Data reserve."""
-    sc = base["scaling"]
-    return res.driver_cpus + sc["num_workers"] * sc["cpus_per_worker"] + res.data_cpus
+    return trial_resources(base, res).get("CPU", 0.0)
 
 
 def local_cpus(res: SweepResources, need: Any | None = None) -> int:
@@ -321,6 +344,17 @@ def trial_cpu_need(base: dict[str, Any], res: SweepResources, sweep_name: str) -
                          "resources.local_num_cpus")
 
 
+def state_api_address() -> str | None:
+    """The State API (dashboard) URL of the cluster this process is connected to
+    (``ray.init().address_info["webui_url"]``, here read from the connected node), or None when
+    that cluster has no dashboard; asking it, not Ray's auto-detection, keeps the check on this
+    process's cluster when other Ray instances run on the host."""
+    import ray
+
+    url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    return f"http://{url}" if url and "://" not in url else (url or None)
+
+
 def require_state_api(timeout_s: float = 15.0) -> None:
     """Fail fast when the connected Ray has no State API (no dashboard).
 
@@ -330,6 +364,8 @@ def require_state_api(timeout_s: float = 15.0) -> None:
     Without it the stopped trial's CPUs stay reserved for good and, on a small cluster, the next
     trial waits forever with every process idle (seen on 2 CPUs: the 2nd trial of wssl_bias).
 
+    The State API of the cluster this process is connected to is asked (:func:`state_api_address`).
+
     Raises:
         RuntimeError: the State API did not answer within ``timeout_s`` seconds; says how to
             start a cluster with the dashboard.
@@ -337,8 +373,11 @@ def require_state_api(timeout_s: float = 15.0) -> None:
     from ray.util.state import list_actors
 
     try:
-        list_actors(limit=1, timeout=int(timeout_s), raise_on_missing_output=False)
-    except Exception as e:  # RayStateApiException, ConnectionError...: all mean "no State API"
+        address = state_api_address()
+        if not address:
+            raise ConnectionError("the connected cluster has no dashboard (webui_url is empty)")
+        list_actors(address=address, limit=1, timeout=int(timeout_s), raise_on_missing_output=False)
+    except Exception as e:  # RayStateApiException, ConnectionError, ValueError (no dashboard in GCS)...
         raise RuntimeError(
             "a Tune sweep needs Ray's State API (served by the dashboard): without it Ray Train cannot free the "
             "workers of a trial the scheduler stopped, and the next trial waits forever. Start the cluster with the "
@@ -346,23 +385,71 @@ def require_state_api(timeout_s: float = 15.0) -> None:
             f"--address unset for a local one). State API error: {type(e).__name__}: {str(e)[:200]}") from e
 
 
-def plan_concurrency(cluster_cpus: float, base: dict[str, Any], res: SweepResources) -> int:
-    """How many trials may run at once without starving Ray Data (see module docstring).
+def _fits(have: dict[str, float], need: dict[str, float]) -> int:
+    """Whole trials of ``need`` that ``have`` holds (the scarcest resource decides)."""
+    n = 1_000_000
+    for k, v in need.items():
+        n = min(n, int(math.floor(float(have.get(k, 0.0)) / v + 1e-9)))
+    return n
+
+
+def plan_concurrency(cluster: dict[str, float], need: dict[str, float], cap: int | None = None,
+                     max_cluster: dict[str, float] | None = None) -> int | None:
+    """``max_concurrent_trials`` for Tune: how many trials of ``need`` may run at once without
+    starving Ray Data (see the module docstring).
+
+    Args:
+        cluster: the cluster's resources now (``ray.cluster_resources()``).
+        need: one trial's resources (:func:`trial_resources`).
+        cap: ``resources.max_concurrent_trials`` (None: no cap).
+        max_cluster: the most the cluster can grow to (the autoscaler's maximum, e.g.
+            ``ray._private.state.state.get_max_resources_from_cluster_config()``), or None when
+            unknown (no autoscaler: the cluster is taken as it is now).
+
+    Returns:
+        The number of concurrent trials, or ``cap`` (None when unset) when the cluster cannot
+        hold one trial now and its maximum is unknown: Tune then queues the trials until nodes
+        join (a warning says so).
 
     Raises:
-        ValueError: one trial does not fit the cluster, or ``max_concurrent_trials`` exceeds
-            what fits; the message gives the numbers.
+        ValueError: one trial can never fit (``max_cluster`` known, or no way to grow: a trial
+            needs a resource neither has), or ``cap`` exceeds what fits; the message gives the
+            numbers.
     """
-    need = trial_cpus(base, res)
-    fits = int(math.floor(cluster_cpus / need + 1e-9)) if need > 0 else 1_000_000
+    def show(d: dict[str, float]) -> str:
+        return "{" + ", ".join(f"{k}: {d.get(k, 0.0):g}" for k in need) + "}"
+
+    limit = ({k: max(float(cluster.get(k, 0.0)), float(max_cluster.get(k, 0.0))) for k in need}
+             if max_cluster else cluster)
+    fits = _fits(limit, need)
+    where = "the autoscaler's maximum" if max_cluster else "the cluster"
+    if fits < 1 and max_cluster:
+        raise ValueError(f"one trial needs {show(need)} but {where} is {show(max_cluster)}: it can never run")
     if fits < 1:
-        raise ValueError(f"one trial needs {need} CPUs (driver {res.driver_cpus} + workers "
-                         f"{base['scaling']['num_workers']}x{base['scaling']['cpus_per_worker']} + data "
-                         f"{res.data_cpus}) but the cluster has {cluster_cpus}")
-    if res.max_concurrent_trials is not None and res.max_concurrent_trials > fits:
-        raise ValueError(f"resources.max_concurrent_trials={res.max_concurrent_trials} but only {fits} trials "
-                         f"of {need} CPUs fit in {cluster_cpus} CPUs without starving Ray Data reads")
-    return min(fits, res.max_concurrent_trials or fits)
+        log.warning("one trial needs %s but the cluster has %s now: the trials wait in Tune's queue until nodes "
+                    "join (an autoscaling cluster adds them on demand)", show(need), show(cluster))
+        return cap
+    if _fits(cluster, need) < 1:
+        log.warning("one trial needs %s and the cluster has %s now: the first trials wait for the autoscaler",
+                    show(need), show(cluster))
+    if cap is not None and cap > fits:
+        raise ValueError(f"resources.max_concurrent_trials={cap} but only {fits} trials of {show(need)} fit in "
+                         f"{where} {show(limit)} without starving Ray Data reads")
+    return min(fits, cap or fits)
+
+
+def cluster_plan(need: dict[str, float], cap: int | None) -> tuple[dict[str, float], int | None]:
+    """(the connected cluster's resources now, :func:`plan_concurrency` with the autoscaler's
+    maximum when Ray knows it)."""
+    import ray
+    from ray._private.state import state  # what Ray Train's worker group checks against, too
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # no autoscaler config in the GCS (a local or hand-started cluster)
+        most = None
+    return now, plan_concurrency(now, need, cap, {k: float(v) for k, v in most.items()} if most else None)
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -463,23 +550,25 @@ class SweepResult:
     """What :func:`run_sweep` leaves behind.
 
     Attributes:
-        sweep_dir: ``<storage>/<name>``: Tune's experiment, the trials' Train runs, ``best.yaml``.
+        sweep_dir: ``<storage>/<name>``: Tune's experiment, the trials' Train runs, ``best.yaml``
+            (a local path, or a URI for a URI storage).
         best_config_path: the best trial's TrainConfig YAML.
         best_metric: its best ``metric`` value.
         table: the printed results table.
         rows: one dict per trial (trial, values, epochs, last/best metric, status).
         parent_run_id / tracking_uri: the MLflow parent run.
-        concurrency: trials run at once.
+        concurrency: ``max_concurrent_trials`` given to Tune (None: unset, Tune queues the trials
+            until the cluster grows).
     """
 
-    sweep_dir: Path
-    best_config_path: Path | None
+    sweep_dir: str | Path
+    best_config_path: str | Path | None
     best_metric: float | None
     table: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     parent_run_id: str | None = None
     tracking_uri: str | None = None
-    concurrency: int = 1
+    concurrency: int | None = 1
 
 
 def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: bool = True,
@@ -494,12 +583,10 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
             before any trial starts.
         RuntimeError: every trial failed (the first error is included).
     """
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raysemiseg.runtime import ensure_ray
-    from raysemiseg.train.driver import local_path
     from raysemiseg.tune.tracking import Tracker, resolve_tracking_uri
 
     sweep, base = load_sweep(path, overrides)
@@ -507,27 +594,32 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
         from raysemiseg.tune.label_sweep import run_label_sweep
 
         return run_label_sweep(path, sweep, base, ray_address=ray_address, print_table=print_table)
-    root_str = sweep.storage_path or (base["run"]["storage_path"].rstrip("/") + "/sweeps")
-    root = local_path(root_str)
-    if root is None:
-        raise ValueError(f"sweep storage {root_str!r} must be local (Tune experiment + MLflow SQLite store)")
-    sweep_dir = root / sweep.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    root_str = sweep.storage_path or storage.join(base["run"]["storage_path"], "sweeps")
+    if not storage.is_uri(root_str):
+        root_str = str(Path(root_str).resolve())
+    sweep_dir = storage.join(root_str, sweep.name)
 
     need = trial_cpu_need(base, sweep.resources, sweep.name)
     ensure_ray(ray_address, num_cpus=local_cpus(sweep.resources, need), need=need)
     require_state_api()
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    concurrency = plan_concurrency(cpus, base, sweep.resources)
+    nodes = storage.alive_nodes()
+    storage.check_shared_paths({"storage_path": root_str, **{f"base.{s}.{k}": base[s].get(k) for s, k in (
+        ("data", "store"), ("data", "split_file"), ("data", "label_store"), ("run", "storage_path"))}},
+        nodes, what=f"sweep {sweep.name!r}")
+    need = trial_resources(base, sweep.resources)
+    now, concurrency = cluster_plan(need, sweep.resources.max_concurrent_trials)
+    cpus = now.get("CPU", 0.0)
 
-    uri, art = resolve_tracking_uri(base["tracking"]["tracking_uri"], str(root))
+    uri, art = resolve_tracking_uri(base["tracking"]["tracking_uri"], root_str)
+    if base["tracking"]["enabled"]:
+        storage.check_tracking_store(uri, nodes, what=f"sweep {sweep.name!r}")
     experiment = base["tracking"]["experiment"]
     parent = None
     if base["tracking"]["enabled"]:
         parent = Tracker(uri, experiment, run_name=sweep.name, run_key=sweep_run_key(sweep_dir), artifact_location=art)
         parent.start()
         parent.set_tags({"raysemiseg.sweep": sweep.name, "raysemiseg.kind": "sweep"})
-        parent.log_params({"sweep": sweep.model_dump(mode="json"), "cluster_cpus": cpus,
+        parent.log_params({"sweep": sweep.model_dump(mode="json"), "cluster_cpus": cpus, "trial_resources": need,
                            "max_concurrent_trials": concurrency})
         parent.log_text(Path(path).read_text(), "sweep.yaml")
 
@@ -539,7 +631,7 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
     else:
         scheduler = FIFOScheduler()
     payload = {"name": sweep.name, "base": base, "derived": sweep.derived,
-               "trials_path": str(sweep_dir / "trials"), "tracking_uri": uri if parent else None,
+               "trials_path": storage.join(sweep_dir, "trials"), "tracking_uri": uri if parent else None,
                "experiment": experiment, "parent_run_id": parent.run_id if parent else None}
     res = sweep.resources
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload),
@@ -549,7 +641,7 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=sweep.num_samples,
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir),
     )
     try:
         grid = tuner.fit()
@@ -558,8 +650,8 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
         best = best_row(rows, sweep)
         best_cfg = trial_config(base, best["sampled"], sweep.derived, run_name=f"{sweep.name}-best",
                                 storage_path=base["run"]["storage_path"])
-        best_path = sweep_dir / "best.yaml"
-        dump_config(best_cfg, best_path)
+        best_path = storage.join(sweep_dir, "best.yaml")
+        storage.write_text(best_path, dump_config(best_cfg))
         if parent is not None:
             reconcile_children(parent, rows)
             finish_parent(parent, sweep, best, rows, table, best_path)
@@ -573,7 +665,7 @@ def run_sweep(path: str | Path, *, ray_address: str | None = None, print_table: 
                        parent.run_id if parent else None, uri if parent else None, concurrency)
 
 
-def sweep_run_key(sweep_dir: Path) -> str:
+def sweep_run_key(sweep_dir: str | Path) -> str:
     """The parent MLflow run's key: the sweep folder plus this invocation's start time and a random
     suffix. Every ``raysemiseg tune`` call is a new Tune experiment (new trials), so it gets a new
     parent run; keying by the folder alone reopened the previous sweep's run and MLflow refused the
@@ -597,16 +689,16 @@ def best_row(rows: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any]:
 
 
 def finish_parent(parent: Any, sweep: SweepConfig, best: dict[str, Any], rows: list[dict[str, Any]], table: str,
-                  best_path: Path) -> None:
+                  best_path: str | Path) -> None:
     """Log the sweep's outcome on its parent MLflow run (best metric, trial, table, best config) and close it."""
     parent.log_metrics({f"best_{sweep.metric}": best["best"], "trials": len(rows)})
     parent.log_params({"best_trial": best["trial"]})
     parent.log_text(table, "results.txt")
-    parent.log_artifact(best_path)
+    parent.log_text(storage.read_text(best_path), "best.yaml")
     parent.end("FINISHED")
 
 
-def print_result(sweep: SweepConfig, best: dict[str, Any], table: str, best_path: Path, parent: Any, uri: str) -> None:
+def print_result(sweep: SweepConfig, best: dict[str, Any], table: str, best_path: str | Path, parent: Any, uri: str) -> None:
     """The results table, the best trial and where the MLflow runs are."""
     print(table)
     print(f"\nbest: {best['trial']} {sweep.metric}={best['best']:.4f} -> {best_path}")

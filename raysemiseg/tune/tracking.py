@@ -13,6 +13,12 @@ else an embedded SQLite store ``sqlite:///<run.storage_path>/mlflow.db`` with ar
 
 Resume: the MLflow run is keyed by the tag ``raysemiseg.run_key`` (the absolute run folder), so
 rerunning the same ``run.name`` continues the same MLflow run.
+
+Failures: a metric the controller callback cannot log is an error (the Train run fails with it,
+``ray.train.ControllerError``), never a warning: a curve with silently missing epochs is worse
+than a failed run. One writer per host: a Tune sweep on a cluster spanning several hosts needs an
+MLflow server (:func:`raysemiseg.storage.check_tracking_store`), since its trials log from
+whichever node they run on and SQLite cannot take writers from several hosts.
 """
 
 from __future__ import annotations
@@ -202,7 +208,7 @@ class Tracker:
         for f in report.files:
             self.log_artifact(f, prefix)
 
-    def log_checkpoint(self, best: Path | None, latest: Path | None) -> None:
+    def log_checkpoint(self, best: str | Path | None, latest: str | Path | None) -> None:
         """Record where the checkpoints are (tags; the files stay in Ray Train's storage)."""
         self.set_tags({"raysemiseg.checkpoint.best": best, "raysemiseg.checkpoint.latest": latest})
 
@@ -241,7 +247,10 @@ def _user_callback_base() -> type:
 
 class MLflowCallback(_user_callback_base()):  # type: ignore[misc]
     """``ray.train.UserCallback`` (runs on the Train controller): log each report's rank-0
-    metrics to ``run_id`` with ``step = metrics["epoch"]``."""
+    metrics to ``run_id`` with ``step = metrics["epoch"]``.
+
+    Raises (from ``after_report``, which fails the Train run): whatever MLflow raises (an
+    unreachable server, a locked or read-only store...)."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
@@ -251,10 +260,8 @@ class MLflowCallback(_user_callback_base()):  # type: ignore[misc]
         if not metrics:
             return
         m = metrics[0]
-        try:
-            log_metrics(_client(self.tracking_uri), self.run_id, m, int(m.get("epoch", 0)))
-            if checkpoint is not None:
-                _client(self.tracking_uri).set_tag(self.run_id, "raysemiseg.checkpoint.latest", checkpoint.path)
-                _log_per_class_table(_client(self.tracking_uri), self.run_id, checkpoint, int(m.get("epoch", 0)))
-        except Exception as e:  # tracking must never kill training
-            log.warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), e)
+        client = _client(self.tracking_uri)
+        log_metrics(client, self.run_id, m, int(m.get("epoch", 0)))
+        if checkpoint is not None:
+            client.set_tag(self.run_id, "raysemiseg.checkpoint.latest", checkpoint.path)
+            _log_per_class_table(client, self.run_id, checkpoint, int(m.get("epoch", 0)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ def test_train_reports_checkpoints_tracks_and_resumes(ray_session, sample_store,
     # the checkpoint rebuilds the method with identical weights (weights_only load)
     method, cfg2, _ = load_method(res.latest_checkpoint)
     assert cfg2 == cfg
-    sd = torch.load(res.latest_checkpoint / "model.pt", weights_only=True)
+    sd = torch.load(Path(res.latest_checkpoint) / "model.pt", weights_only=True)
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in sd.items())
 
     # MLflow (embedded sqlite under the storage path): params, per-epoch curves, checkpoint tags

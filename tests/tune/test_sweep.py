@@ -79,19 +79,54 @@ def test_sweep_validation_before_work(tmp_path):
 def test_concurrency_budget_cannot_starve_data():
     import os
 
-    from raysemiseg.tune.sweep import local_cpus
+    from raysemiseg.tune.sweep import local_cpus, trial_resources
 
     base = {"scaling": {"num_workers": 1, "cpus_per_worker": 1.0}}
     res = SweepResources(driver_cpus=0.0, data_cpus=1.0)
+    need = trial_resources(base, res)
+    assert need == {"CPU": 2.0}                          # 0 driver + 1 worker x 1 + 1 data
     assert local_cpus(res) == max(os.cpu_count() or 1, 2) + 1 and local_cpus(SweepResources(local_num_cpus=5)) == 5
-    assert plan_concurrency(local_cpus(res), base, res) >= 1     # a local sweep always fits one trial
-    assert plan_concurrency(2, base, res) == 1          # 2-CPU machine: one trial at a time
-    assert plan_concurrency(4, base, res) == 2
-    assert plan_concurrency(8, base, SweepResources(max_concurrent_trials=3)) == 3
+    assert plan_concurrency({"CPU": local_cpus(res)}, need) >= 1     # a local sweep always fits one trial
+    assert plan_concurrency({"CPU": 2}, need) == 1        # 2-CPU machine: one trial at a time
+    assert plan_concurrency({"CPU": 4}, need) == 2
+    assert plan_concurrency({"CPU": 8}, need, cap=3) == 3
     with pytest.raises(ValueError, match="only 1 trials"):
-        plan_concurrency(2, base, SweepResources(max_concurrent_trials=2))
-    with pytest.raises(ValueError, match="needs 3.0 CPUs"):
-        plan_concurrency(2, {"scaling": {"num_workers": 2, "cpus_per_worker": 1.0}}, res)
+        plan_concurrency({"CPU": 2}, need, cap=2)
+
+
+def test_concurrency_plans_from_trial_resources_and_the_autoscaler_max(caplog):
+    """The shipped cluster.yaml: an 8-CPU head (no GPU) now, up to 4 g5 workers of 8 CPUs + 1 GPU."""
+    from raysemiseg.tune.sweep import trial_resources
+
+    gpu2 = {"scaling": {"num_workers": 2, "cpus_per_worker": 7.0, "use_gpu": True,
+                        "resources_per_worker": {"train_slot": 1.0}}}
+    need = trial_resources(gpu2, SweepResources(driver_cpus=0.5, data_cpus=1.0))
+    assert need == {"CPU": 15.5, "GPU": 2.0, "train_slot": 2.0}          # 0.5 + 2 x 7 + 1; 2 x 1 GPU; 2 x 1 slot
+    need = trial_resources({"scaling": {"num_workers": 2, "cpus_per_worker": 7.0, "use_gpu": True}}, SweepResources())
+    assert need == {"CPU": 15.0, "GPU": 2.0}
+    head_now = {"CPU": 8.0, "memory": 3e10}
+    most = {"CPU": 40.0, "GPU": 4.0}                                   # 8 + 4 x 8 CPUs, 4 x 1 GPU
+    with caplog.at_level("WARNING", logger="raysemiseg.tune.sweep"):
+        # was: ValueError "one trial needs 15 CPUs but the cluster has 8"
+        assert plan_concurrency(head_now, need, max_cluster=most) == 2   # min(floor(40/15)=2, floor(4/2)=2)
+    assert "wait for the autoscaler" in caplog.text
+    one = trial_resources({"scaling": {"num_workers": 1, "cpus_per_worker": 7.0, "use_gpu": True}}, SweepResources())
+    assert one == {"CPU": 8.0, "GPU": 1.0}
+    assert plan_concurrency(head_now, one, max_cluster=most) == 4        # GPUs decide: min(40/8=5, 4/1=4)
+    assert plan_concurrency(head_now, one, cap=3, max_cluster=most) == 3
+    with pytest.raises(ValueError, match="max_concurrent_trials=5 but only 4 trials"):
+        plan_concurrency(head_now, one, cap=5, max_cluster=most)
+    # GPUs decide on a fixed cluster too: 32 CPUs would hold 16 trials of 2 CPUs, 2 GPUs hold 2
+    assert plan_concurrency({"CPU": 32.0, "GPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}) == 2
+    # never fits, even at the maximum: refused before any work
+    with pytest.raises(ValueError, match="can never run"):
+        plan_concurrency(head_now, {"CPU": 8.0, "GPU": 8.0}, max_cluster=most)
+    # too small now and no known maximum: Tune queues the trials (max_concurrent_trials unset, or the cap)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysemiseg.tune.sweep"):
+        assert plan_concurrency(head_now, need) is None
+    assert "wait in Tune's queue" in caplog.text
+    assert plan_concurrency(head_now, need, cap=2) == 2
 
 
 def created_placement_groups() -> set[str]:
@@ -124,6 +159,15 @@ def test_sweep_refuses_a_cluster_without_state_api(tmp_path):
     assert "REFUSED: a Tune sweep needs Ray's State API" in proc.stdout and "--include-dashboard" in proc.stdout
 
 
+def test_state_api_is_asked_at_the_connected_cluster(ray_session):
+    """The State API check goes to this process's cluster (its GCS address), not whichever Ray
+    instance of the host is found first (other Ray instances run on this machine)."""
+    from raysemiseg.tune.sweep import require_state_api, state_api_address
+
+    assert state_api_address() == "http://" + ray_session._private.worker.global_worker.node.address_info["webui_url"]
+    require_state_api(timeout_s=30)
+
+
 def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, sample_split, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -140,7 +184,11 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
     earlier.log_params({"sweep": {"scheduler": {"grace_period": 99}}})
     earlier.end("FINISHED")
     before = created_placement_groups()
-    result = run_sweep(write_sweep(tmp_path))
+    # the sweep folder as a URI (was refused: "must be local"); MLflow's SQLite store lands in its folder
+    sweeps_uri = (tmp_path / "runs" / "sweeps").as_uri()
+    result = run_sweep(write_sweep(tmp_path, storage_path=sweeps_uri))
+    assert result.sweep_dir == f"{sweeps_uri}/tiny_bias" and result.best_config_path == f"{sweeps_uri}/tiny_bias/best.yaml"
+    assert (tmp_path / "runs" / "sweeps" / "tiny_bias" / "tune").is_dir()       # Tune's experiment under the URI
     assert result.parent_run_id != earlier.run_id
     out = capsys.readouterr().out
     assert "sweep tiny_bias: 2 trials" in out and "best:" in out
@@ -171,7 +219,7 @@ def test_tiny_real_sweep_tracks_parent_and_children(ray_session, sample_store, s
         time.sleep(1)
     assert not created_placement_groups() - before, "a stopped trial's placement group was never removed"
 
-    cfg = load_config(result.best_config_path)
+    cfg = load_config(tmp_path / "runs" / "sweeps" / "tiny_bias" / "best.yaml")
     assert cfg.method.name == "wssl" and cfg.run.name == "tiny_bias-best"
     best = result.rows[0]
     assert cfg.method.params["b_fg"] == best["values"]["method.params.b_fg"]
