@@ -37,19 +37,23 @@ def plain_loop(cfg, steps: int, warmup: int, device: str = "cpu") -> dict[str, f
     (``data_s``: slice + decode + augment, ``to_device_s``: collate, ``step_s``: train_step).
     On ``cuda`` with ``cfg.optim.amp``: float16 autocast + GradScaler, as the Ray workers."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import torch
 
     from raysemiseg.data.store import open_store
     from raysemiseg.methods.base import get_method
-    from raysemiseg.train.data import attach_roles, augment_batch, collate, read_roles
+    from raysemiseg.train.data import augment_batch, collate
     from raysemiseg.train.loop import build_optimizers, normalisation, poly_factor, set_lr, train_step
 
     torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
     store = open_store(cfg.data.store)
     space = store.label_space
-    roles = read_roles(cfg.data, store).to_pydict()
-    ids = {i: r for i, s, r in zip(roles["image_id"], roles["split"], roles["role"]) if s == cfg.data.train_split}
-    rows = attach_roles(store.read_table(), ids, {})
+    # the same rows as the Ray run's pool (the train split's pixel rows, all strong), read in this process
+    rows = store.read_table(filter_split=cfg.data.train_split)
+    rows = rows.filter(pc.equal(rows["supervision"], "pixel"))
+    rows = rows.append_column("role", pa.array(["strong"] * rows.num_rows)) \
+        .append_column("pseudo", pa.nulls(rows.num_rows, pa.binary()))
     torch.manual_seed(cfg.run.seed)
     method = get_method(cfg.method.name)(space, cfg.model, cfg.method.build_params())
     method.set_stage(cfg.method.stage)
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from raysemiseg.config import load_config
     from raysemiseg.quickstart import ensure_store
     from raysemiseg.runtime import ensure_ray
-    from raysemiseg.train.driver import cpu_need, train
+    from raysemiseg.train.driver import cpu_need
 
     work = Path(args.workdir).resolve()
     cfg = load_config({

@@ -155,14 +155,14 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
     log.info("data plan: %s", describe_plan(plan))
     steps = cfg.optim.steps_per_epoch or steps_per_epoch(
         plan.pool_rows, cfg.data.batch_size, cfg.data.strong_fraction, cfg.scaling.num_workers)
-    storage = local_path(cfg.run.storage_path)
-    storage_str = str(storage) if storage is not None else cfg.run.storage_path
+    local_root = local_path(cfg.run.storage_path)
+    storage_str = str(local_root) if local_root is not None else cfg.run.storage_path
     fault_marker = None
     if cfg.run.inject_fault_at_step is not None:
-        if storage is None:
+        if local_root is None:
             raise ValueError("run.inject_fault_at_step (test only) needs a local run.storage_path")
-        (storage / cfg.run.name).mkdir(parents=True, exist_ok=True)
-        fault_marker = str(storage / cfg.run.name / ".fault_injected")
+        (local_root / cfg.run.name).mkdir(parents=True, exist_ok=True)
+        fault_marker = str(local_root / cfg.run.name / ".fault_injected")
     worker_config = {"cfg": cfg.model_dump(mode="json"), "steps_per_epoch": steps, "fault_marker": fault_marker,
                      "pools": sorted(plan.pool_rows), "pool_rows": dict(plan.pool_rows),
                      "label_space": {**plan.label_space.to_dict(), "name": plan.label_space.name}}
