@@ -31,9 +31,8 @@ class DataConfig(StrictModel):
     label_recipe: str | None = Field(None, description="recipe to use when the label store holds several")
     shuffle_buffer: int = Field(64, ge=0, description="worker-side local shuffle buffer, rows (0 = store order)")
     cache_rows: bool = Field(
-        False, description="materialize the selected, joined rows' encoded bytes once in the Ray object store "
-                           "(block order reshuffled every pass; for small stores); False = stream them from "
-                           "Parquet every pass, file order reshuffled (stores larger than memory)")
+        True, description="keep the selected rows' encoded bytes in the Ray object store across epochs "
+                          "(False = stream them from Parquet every epoch, for stores larger than memory)")
     crop_size: int = Field(256, ge=32, description="square training crop side, pixels")
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True

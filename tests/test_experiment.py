@@ -182,6 +182,22 @@ def test_shipped_experiments_resolve_every_step(path) -> None:
     assert len({t.optim.epochs * t.optim.steps_per_epoch for t in last.values()}) == 1
 
 
+@pytest.mark.parametrize("path", ["configs/experiments/semi_i3s.yaml", "configs/experiments/dual_branch_table1_voc.yaml"])
+def test_single_branch_mixed_is_plain_bundling_and_dual_branch_is_half_and_half(path) -> None:
+    """Luo & Yang 2020 Table 1: "single-branch mixed" bundles strong and weak rows as they come
+    (no strong oversampling: ``strong_fraction`` null, so a 25 % strong split gives ~2 strong
+    crops of 8), while the dual-branch network draws half-strong/half-weak batches (Sec. 3.3) and
+    its weak branch also trains on the strong rows (the "strong + weak" weak-branch data)."""
+    from raysemiseg.experiment import load_experiment, plan_experiment
+
+    plan = plan_experiment(load_experiment(path))
+    by_arm = {arm: item for arm, _, item in plan if hasattr(item, "method")}
+    assert by_arm["single-branch-mixed"].method.name == "single_branch_mixed"
+    assert by_arm["single-branch-mixed"].data.strong_fraction is None
+    assert by_arm["dual-branch"].data.strong_fraction == 0.5
+    assert by_arm["dual-branch"].method.build_params().weak_branch_rows == "all"
+
+
 def test_extends_merges_and_placeholder_order_is_checked(tmp_path) -> None:
     from raysemiseg.experiment import load_experiment, plan_experiment
 

@@ -65,9 +65,7 @@ class DataPlan:
         pool_rows: rows per training pool (before sharding), e.g. ``{"train": 80}``.
         val_rows: number of validation rows.
         label_space: the store's label space (masks are in it).
-        split_names: names of the datasets that Ray Train shards equally across workers.
-        unequal_split_names: names of the datasets sharded without dropping rows (validation),
-            see :func:`sharded_data_config`.
+        split_names: names of the datasets that Ray Train shards across workers.
     """
 
     datasets: dict[str, Any]
@@ -75,128 +73,74 @@ class DataPlan:
     val_rows: int
     label_space: LabelSpace
     split_names: list[str] = field(default_factory=list)
-    unequal_split_names: list[str] = field(default_factory=list)
 
 
-def _progress(on: bool) -> Any:
-    """Context manager: Ray Data progress bars on (planning passes) or off, restored after."""
-    from contextlib import contextmanager
-
-    from ray.data import DataContext
-
-    @contextmanager
-    def cm() -> Iterator[None]:
-        ctx = DataContext.get_current()
-        old = ctx.enable_progress_bars, ctx.print_on_execution_start
-        ctx.enable_progress_bars = on
-        ctx.print_on_execution_start = False
-        try:
-            yield
-        finally:
-            ctx.enable_progress_bars, ctx.print_on_execution_start = old
-
-    return cm()
-
-
-def _count_by(ds: Any, key: str) -> dict[str, int]:
-    """``{value: rows}`` of column ``key`` of a Ray dataset (``groupby(key).count()``, on Ray)."""
-    out: dict[str, int] = {}
-    for r in ds.groupby(key).count().take_all():
-        n = [v for k, v in r.items() if k != key][0]
-        out[str(r[key])] = int(n)
-    return out
-
-
-def _num_partitions(store: Any) -> int:
-    """Hash partitions of the training joins: one per ~8 store files (64 rows each), 1..10,000."""
-    return max(1, min(10_000, len(store.files) // 8))
-
-
-def check_split_file(path: str | Path, store: Any) -> Any:
-    """Open a split file as a Ray dataset after checking it (on Ray, nothing per row on the driver).
+def read_roles(data_cfg: Any, store: Any) -> pa.Table:
+    """The (image_id, split, role) table of every store row that a run may use.
 
     Args:
-        path: Parquet split file (columns image_id, split, role; ``raysemiseg data split``).
-        store: the opened image store.
+        data_cfg: :class:`raysemiseg.config.DataConfig`.
+        store: an opened image store (``raysemiseg.data.store.open_store``).
 
     Returns:
-        ``ray.data.Dataset`` of the split file's (image_id, split, role) rows.
+        pa.Table with string columns image_id, split, role (role in :data:`ROLES`).
 
     Raises:
-        FileNotFoundError: no such file.
         ValueError: the split file lacks a column, holds an unknown role, or names image ids
-            that are not in the store (their count and the first few are listed).
+            that are not in the store (the first few are listed).
     """
-    import ray.data
-
-    path = Path(path)
+    base = store.read_table(columns=["image_id", "split", "supervision"])
+    if data_cfg.split_file is None:
+        role = pc.if_else(pc.equal(base["supervision"], "pixel"), "strong", "weak")
+        return pa.table({"image_id": base["image_id"], "split": base["split"], "role": role})
+    path = Path(data_cfg.split_file)
     if not path.is_file():
         raise FileNotFoundError(f"data.split_file {path} does not exist (write one with `raysemiseg data split`)")
-    names = pq.read_schema(path).names
-    missing = {"image_id", "split", "role"} - set(names)
+    split = pq.read_table(path)
+    missing = {"image_id", "split", "role"} - set(split.column_names)
     if missing:
-        raise ValueError(f"split file {path} lacks columns {sorted(missing)} (has {names})")
-    split = ray.data.read_parquet(str(path)).select_columns(["image_id", "split", "role"])
-    bad_roles = set(split.unique("role")) - set(ROLES)
+        raise ValueError(f"split file {path} lacks columns {sorted(missing)} (has {split.column_names})")
+    bad_roles = set(pc.unique(split["role"]).to_pylist()) - set(ROLES)
     if bad_roles:
-        raise ValueError(f"split file {path}: unknown roles {sorted(bad_roles, key=str)}; valid: {list(ROLES)}")
-    unknown = split.select_columns(["image_id"]).join(
-        store.dataset(columns=["image_id"]), join_type="left_anti", num_partitions=_num_partitions(store),
-        on=("image_id",)).materialize()
-    n_unknown = unknown.count()
-    if n_unknown:
-        some = sorted(r["image_id"] for r in unknown.take(3))
-        raise ValueError(f"split file {path}: {n_unknown} image ids are not in the store, e.g. {some}")
-    return split
+        raise ValueError(f"split file {path}: unknown roles {sorted(bad_roles)}; valid: {list(ROLES)}")
+    unknown = pc.filter(split["image_id"], pc.invert(pc.is_in(split["image_id"], base["image_id"])))
+    if len(unknown):
+        raise ValueError(f"split file {path}: {len(unknown)} image ids are not in the store, e.g. {unknown[:3].to_pylist()}")
+    return split.select(["image_id", "split", "role"])
 
 
-def _cap_ids(meta: Any, cap: int | None, seed: int) -> list[str] | None:
-    """``cap`` image ids of the dataset ``meta`` (column image_id) chosen reproducibly from ``seed``.
-
-    The rows with the ``cap`` smallest ``crc32("<seed>:<image_id>")`` (ties by id), found with a
-    Ray Data sort; only the chosen ids come to the driver. None when ``cap`` is None.
-    """
-    if cap is None:
-        return None
-    keyed = meta.select_columns(["image_id"]).map_batches(_cap_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
-    return [r["image_id"] for r in keyed.sort(["_cap_key", "image_id"]).limit(cap).take_all()]
+def _cap(ids: list[str], roles: list[str], cap: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """Keep ``cap`` rows chosen reproducibly from ``seed`` (all when ``cap`` is None)."""
+    if cap is None or cap >= len(ids):
+        return ids, roles
+    keep = np.sort(np.random.default_rng(seed).choice(len(ids), size=cap, replace=False))
+    return [ids[i] for i in keep], [roles[i] for i in keep]
 
 
-def _cap_key(batch: pa.Table, seed: int) -> pa.Table:
-    keys = [zlib.crc32(f"{seed}:{i}".encode()) for i in batch["image_id"].to_pylist()]
-    return batch.append_column("_cap_key", pa.array(keys, pa.int64()))
-
-
-def _label_ids(label_store: str | Path, recipe: str | None, check: bool = True) -> Any:
-    """The label store's rows of one recipe as a Ray dataset (image_id, pseudo).
+def read_label_store(label_store: str | Path, recipe: str | None = None) -> dict[str, bytes]:
+    """``image_id -> pseudo-label mask PNG`` from ``LABELS/shards/*.parquet``.
 
     Args:
-        label_store: the label store directory (``LABELS/shards/*.parquet``).
+        label_store: the label store directory.
         recipe: which recipe's rows to use; required when the store holds more than one.
-        check: check ``recipe`` against the recipes the store holds (one pass over that column).
 
     Raises:
         FileNotFoundError: no shards.
         ValueError: several recipes and none chosen (the recipes are listed), or an unknown recipe.
     """
-    import ray.data
-    from ray.data.expressions import col, lit
-
     shards = sorted(Path(label_store, "shards").glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"label store {label_store} has no shards/*.parquet (run `raysemiseg pseudolabel`)")
-    ds = ray.data.read_parquet([str(s) for s in shards])
-    recipes = sorted(ds.select_columns(["recipe"]).unique("recipe")) if check else [recipe]
-    if recipe is None and not check:
-        pass
-    elif recipe is None:
+    t = pa.concat_tables([pq.read_table(s, columns=["image_id", "recipe", "mask"]) for s in shards])
+    recipes = sorted(set(t["recipe"].to_pylist()))
+    if recipe is None:
         if len(recipes) > 1:
             raise ValueError(f"label store {label_store} holds recipes {recipes}; set data.label_recipe")
     elif recipe not in recipes:
         raise ValueError(f"label store {label_store} has no recipe {recipe!r}; valid: {recipes}")
     else:
-        ds = ds.filter(expr=col("recipe") == lit(recipe))
-    return ds.select_columns(["image_id", "mask"]).rename_columns({"mask": "pseudo"})
+        t = t.filter(pc.equal(t["recipe"], recipe))
+    return dict(zip(t["image_id"].to_pylist(), t["mask"].to_pylist()))
 
 
 def _pixel_only(method_name: str) -> bool:
@@ -206,124 +150,23 @@ def _pixel_only(method_name: str) -> bool:
     return tuple(get_method(method_name).uses) == ("pixel",)
 
 
-def pseudo_label_roles(params: Any) -> tuple[str, ...]:
-    """The row roles a method trains on label-store pseudo labels (``params.pseudo_label_roles()``,
-    e.g. ``("weak",)`` for ``dual_branch``), () for methods without the hook."""
-    hook = getattr(params, "pseudo_label_roles", None)
-    return tuple(hook()) if callable(hook) else ()
-
-
-class _Rows:
-    """The training rows of a run, as lazily built Ray datasets (driver side, nothing read here).
-
-    ``meta(role)`` gives (image_id, role) of the training rows of a role (all roles: None), from
-    the split file (joined) or the store's ``supervision`` column; ``rows(role, ...)`` the store
-    rows themselves with ``role`` and ``pseudo`` columns, ready for :func:`augment_batch`.
-    """
-
-    def __init__(self, cfg: Any, store: Any, split: Any | None, cap: list[str] | None,
-                 labels: Any | None) -> None:
-        self.cfg, self.store, self.split, self.cap, self.labels = cfg, store, split, cap, labels
-        self.d = cfg.data
-
-    def _split_ids(self, role: str | None) -> Any:
-        from ray.data.expressions import col, lit
-
-        pred = (col("split") == lit(self.d.train_split)) & (col("role") != lit("none"))
-        if role is not None:
-            pred = pred & (col("role") == lit(role))
-        if self.cap is not None:
-            pred = pred & col("image_id").is_in(self.cap)
-        return self.split.filter(expr=pred).select_columns(["image_id", "role"])
-
-    def _where(self, role: str | None) -> Any:
-        from ray.data.expressions import col, lit
-
-        pred = None
-        if self.split is None and role is not None:
-            pixel = col("supervision") == lit("pixel")
-            pred = pixel if role == "strong" else ~pixel
-        if self.cap is not None:
-            ids = col("image_id").is_in(self.cap)
-            pred = ids if pred is None else pred & ids
-        return pred
-
-    def meta(self, role: str | None = None) -> Any:
-        """(image_id, role) of the training rows of ``role`` (None: every training role)."""
-        if self.split is not None:
-            return self._split_ids(role)
-        ds = self.store.dataset(columns=["image_id", "supervision"], filter_split=self.d.train_split,
-                                where=self._where(role))
-        return ds.map_batches(_finish_rows, fn_kwargs={"role": role, "pseudo": False}, batch_format="pyarrow")
-
-    def rows(self, role: str | None, columns: list[str], shuffle_seed: int) -> Any:
-        """Store rows of the training ``role`` (None: all) with ``role`` and ``pseudo`` columns."""
-        on = ("image_id",)
-        if self.split is not None:
-            ds = self.store.dataset(columns=columns, filter_split=self.d.train_split, shuffle_seed=shuffle_seed,
-                                    where=self._where(None))
-            ds = ds.join(self._split_ids(role), join_type="inner", num_partitions=_num_partitions(self.store), on=on)
-            fix: dict[str, Any] = {"role": None, "pseudo": self.labels is None, "from_split": True}
-        else:
-            cols = columns + ["supervision"]
-            ds = self.store.dataset(columns=cols, filter_split=self.d.train_split, shuffle_seed=shuffle_seed,
-                                    where=self._where(role))
-            fix = {"role": role, "pseudo": self.labels is None}
-        if self.labels is not None:
-            ds = ds.join(self.labels, join_type="left_outer", num_partitions=_num_partitions(self.store), on=on)
-        return ds.map_batches(_finish_rows, fn_kwargs=fix, batch_format="pyarrow")
-
-
-def _finish_rows(batch: pa.Table, role: str | None, pseudo: bool, from_split: bool = False) -> pa.Table:
-    """Ray Data stage: the ``role`` column (``role``, or from ``supervision``: pixel rows strong,
-    the rest weak, unless it came from the split file), a null ``pseudo`` column when ``pseudo``;
-    ``supervision`` dropped."""
-    if not from_split:
-        if role is None:
-            value = pc.if_else(pc.equal(batch["supervision"], "pixel"), "strong", "weak")
-        else:
-            value = pa.array([role] * batch.num_rows, pa.string())
-        batch = batch.append_column("role", value)
-    if "supervision" in batch.column_names:
-        batch = batch.drop_columns(["supervision"])
-    if pseudo:
-        batch = batch.append_column("pseudo", pa.nulls(batch.num_rows, pa.binary()))
-    return batch
-
-
-def build_datasets(cfg: Any, uses_boxes: bool = False, progress: bool = True) -> DataPlan:
-    """Ray datasets for a run (driver side): a plan of streamed Parquet reads, nothing read here.
-
-    The planning passes (split-file checks, pool row counts, the ``max_*_rows`` caps, pseudo-label
-    coverage) run on Ray over id/role columns only, with Ray Data's progress bars when
-    ``progress``; the driver receives counts, a few example ids and at most the capped ids, so its
-    cost does not grow with the store. The training pools are ``read_parquet`` of the store files
-    with the split (and, without a split file, the ``supervision``) filter and the column list
-    pushed into the scan, file order reshuffled at every pass (seeded by ``run.seed``), roles and
-    pseudo labels attached with ``Dataset.join(on=("image_id",))``, then decode + augment tasks.
-    ``data.cache_rows`` materializes the joined rows (encoded bytes) once in the object store, with
-    the block order reshuffled every pass instead.
+def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
+    """Ray datasets for a run (driver side; nothing is read from Parquet beyond id columns).
 
     Args:
         cfg: :class:`raysemiseg.config.TrainConfig`.
         uses_boxes: render Bbox-Rect box masks (``Batch.box_masks``) and per-class box bits
             (``Batch.box_bits``) for the method.
-        progress: show Ray Data progress bars for the planning passes.
 
     Raises:
-        ValueError: a pool needed by ``data.strong_fraction`` is empty, no validation rows, the
-            store's label space differs from ``cfg.label_space``, the split file is malformed
-            (:func:`check_split_file`), or the method trains rows on pseudo labels that
-            ``data.label_store`` lacks (:func:`check_pseudo_coverage`).
-        FileNotFoundError: no split file / label store where configured.
+        ValueError: a pool needed by ``data.strong_fraction`` is empty, no validation rows with
+            masks, the store's label space differs from ``cfg.label_space``, or the method trains
+            rows on pseudo labels that ``data.label_store`` lacks (:func:`check_pseudo_coverage`).
     """
-    from ray.data.expressions import col, lit
-
     from raysemiseg.data.store import open_store
     from raysemiseg.labels import load_label_space
 
     d = cfg.data
-    seed = int(cfg.run.seed)
     store = open_store(d.store)
     space = store.label_space
     want = load_label_space(cfg.label_space)
@@ -331,108 +174,71 @@ def build_datasets(cfg: Any, uses_boxes: bool = False, progress: bool = True) ->
         raise ValueError(
             f"label_space {cfg.label_space!r} ({want.num_classes} classes) differs from the store's "
             f"{space.name!r} ({space.num_classes} classes); set label_space to match the store")
-    params = cfg.method.build_params()
-    with _progress(progress):
-        split = check_split_file(d.split_file, store) if d.split_file is not None else None
-        labels = _label_ids(d.label_store, d.label_recipe) if d.label_store else None
-        plan = _Rows(cfg, store, split, None, labels)
-        cap = _cap_ids(plan.meta(None), d.max_train_rows, seed)
-        plan.cap = cap
-        counts = _count_by(plan.meta(None), "role")
-        if split is not None:
-            va_meta = split.filter(expr=col("split") == lit(d.val_split)).select_columns(["image_id"])
-        else:
-            va_meta = store.dataset(columns=["image_id"], filter_split=d.val_split)
-        va_cap = _cap_ids(va_meta, d.max_val_rows, seed)
-        val_rows = len(va_cap) if va_cap is not None else va_meta.count()
-        if not sum(counts.values()):
-            raise ValueError(f"no training rows: split {d.train_split!r} is empty in {d.store}")
-        if not val_rows:
-            raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
-        coverage = {}
-        for role in pseudo_label_roles(params):
-            n = counts.get(role, 0)
-            if n and labels is not None:
-                lacking = plan.meta(role).select_columns(["image_id"]).join(
-                    labels.select_columns(["image_id"]), join_type="left_anti",
-                    num_partitions=_num_partitions(store), on=("image_id",)).materialize()
-                coverage[role] = (n, lacking.count(), sorted(r["image_id"] for r in lacking.take(3)))
-            else:
-                coverage[role] = (n, n, [])
-        check_pseudo_coverage(cfg.method.name, coverage, d.label_store)
+    roles = read_roles(d, store)
+    train = roles.filter(pc.and_(pc.equal(roles["split"], d.train_split), pc.not_equal(roles["role"], "none")))
+    val = roles.filter(pc.equal(roles["split"], d.val_split))
+    tr_ids, tr_roles = _cap(train["image_id"].to_pylist(), train["role"].to_pylist(), d.max_train_rows, cfg.run.seed)
+    va_ids, _ = _cap(val["image_id"].to_pylist(), val["role"].to_pylist(), d.max_val_rows, cfg.run.seed)
+    if not tr_ids:
+        raise ValueError(f"no training rows: split {d.train_split!r} is empty in {d.store}")
+    if not va_ids:
+        raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
+    pseudo = read_label_store(d.label_store, d.label_recipe) if d.label_store else {}
+    check_pseudo_coverage(cfg.method.name, cfg.method.build_params(), dict(zip(tr_ids, tr_roles)), pseudo,
+                          d.label_store)
 
-    quiet_ray_data()  # the training datasets run in the worker group: no bars there
+    aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
+               ignore_index=space.ignore_index, num_classes=space.num_classes,
+               uses_boxes=uses_boxes, seed=cfg.run.seed)
+    quiet_ray_data()
+    role_of = dict(zip(tr_ids, tr_roles))
     if d.strong_fraction is None and _pixel_only(cfg.method.name):
         # a method that trains from pixel labels alone (strong_only) gets batches of strong rows only:
         # weak rows in its batches would carry no loss and dilute every step (25 % strong split:
         # 2 of 8 crops per batch would train)
-        if not counts.get("strong"):
+        role_of = {i: r for i, r in role_of.items() if r == "strong"}
+        if not role_of:
             raise ValueError(f"method {cfg.method.name!r} trains from pixel labels only, but split "
                              f"{d.train_split!r} of {d.store} has no strong rows")
-        pools: dict[str, tuple[str | None, int]] = {"train": ("strong", counts["strong"])}
-    elif d.strong_fraction is None:
-        pools = {"train": (None, sum(counts.values()))}
+    if d.strong_fraction is None:
+        pools = {"train": role_of}
     else:
-        pools = {"train_strong": ("strong", counts.get("strong", 0)), "train_weak": ("weak", counts.get("weak", 0))}
+        pools = {"train_strong": {i: r for i, r in role_of.items() if r == "strong"},
+                 "train_weak": {i: r for i, r in role_of.items() if r == "weak"}}
         k_s = strong_rows_per_batch(d.batch_size, d.strong_fraction)
         for name, k in (("train_strong", k_s), ("train_weak", d.batch_size - k_s)):
-            if k > 0 and not pools[name][1]:
+            if k > 0 and not pools[name]:
                 raise ValueError(
                     f"data.strong_fraction={d.strong_fraction} needs {k} {name[6:]} rows per batch, but split "
                     f"{d.train_split!r} has no {name[6:]} rows")
             if k == 0:
                 del pools[name]
-    # fresh datasets (created after quiet_ray_data: a dataset keeps the context it was made in)
-    import ray.data
-
-    split_ds = ray.data.read_parquet(str(d.split_file)).select_columns(["image_id", "split", "role"]) \
-        if d.split_file is not None else None
-    label_ds = _label_ids(d.label_store, d.label_recipe, check=False) if d.label_store else None
-    rows = _Rows(cfg, store, split_ds, cap, label_ds)
-    columns = ["image_id", "image", "mask", "labels"] + (["boxes"] if uses_boxes else [])
-    aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
-                               ignore_index=space.ignore_index, num_classes=space.num_classes,
-                               uses_boxes=uses_boxes, seed=seed)
     datasets: dict[str, Any] = {}
-    for i, (name, (role, _)) in enumerate(pools.items()):
-        pool_seed = seed * 1009 + i
-        ds = rows.rows(role, columns, shuffle_seed=pool_seed)
-        if d.cache_rows:
-            ds = _cached(ds, pool_seed)
-        datasets[name] = ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
-    val_where = col("image_id").is_in(va_cap) if va_cap is not None else None
-    val = store.dataset(columns=["image_id", "image", "mask", "labels"],
-                        filter_split=None if split_ds is not None else d.val_split, where=val_where)
-    if split_ds is not None and va_cap is None:
-        val = val.join(split_ds.filter(expr=col("split") == lit(d.val_split)).select_columns(["image_id"]),
-                       join_type="inner", num_partitions=_num_partitions(store), on=("image_id",))
-    datasets["val"] = val.materialize() if d.cache_rows else val
-    return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val_rows=val_rows,
-                    label_space=space, split_names=[n for n in datasets if n != "val"], unequal_split_names=["val"])
+    for name, ids in pools.items():
+        datasets[name] = _rows_dataset(store, ids, pseudo, d.cache_rows).map_batches(
+            augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
+    # validation rows are re-read every epoch: always cached (encoded bytes, one val split)
+    datasets["val"] = _rows_dataset(store, dict.fromkeys(va_ids, "strong"), {}, cache=True,
+                                     columns=["image_id", "image", "mask", "labels"])
+    pool_rows = {name: len(ids) for name, ids in pools.items()}
+    return DataPlan(datasets=datasets, pool_rows=pool_rows, val_rows=len(va_ids), label_space=space,
+                    split_names=[n for n in datasets if n != "val"])
 
 
-def _cached(ds: Any, seed: int) -> Any:
-    """``ds`` materialized in the object store (encoded rows), block order reshuffled every pass."""
-    from ray.data import RandomSeedConfig
-
-    return ds.materialize().randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-
-
-def check_pseudo_coverage(method: str, coverage: dict[str, tuple[int, int, list[str]]],
+def check_pseudo_coverage(method: str, params: Any, role_of: dict[str, str], pseudo: dict[str, bytes],
                           label_store: str | Path | None) -> None:
     """Refuse a run whose method trains some rows on label-store pseudo labels that it lacks.
 
     A method declares the row roles it trains on ``batch.pseudo`` through
-    ``params.pseudo_label_roles()`` (``dual_branch``, ``single_branch_mixed``; see
-    :func:`pseudo_label_roles`); without a stored label such rows are all ``ignore_index`` and
-    their loss would silently be 0. Methods without the hook (e.g. ``wssl``, whose weak rows
-    without a stored label take the online E-step) pass.
+    ``params.pseudo_label_roles()`` (``dual_branch``, ``single_branch_mixed``); without a stored
+    label such rows are all ``ignore_index`` and their loss would silently be 0. Methods without the
+    hook (e.g. ``wssl``, whose weak rows without a stored label take the online E-step) pass.
 
     Args:
         method: the method name (for the message).
-        coverage: ``{role: (training rows of the role, rows without a pseudo label, a few of
-            their image ids)}`` for each role the method trains on pseudo labels (after
-            ``data.max_train_rows``).
+        params: the method's validated params.
+        role_of: training ``image_id -> role`` (after ``data.max_train_rows``).
+        pseudo: ``image_id -> pseudo-label PNG`` of ``data.label_store`` (empty without one).
         label_store: ``data.label_store``.
 
     Raises:
@@ -440,52 +246,47 @@ def check_pseudo_coverage(method: str, coverage: dict[str, tuple[int, int, list[
             covers none of them. A store that misses only some of them gives a warning naming their
             count and a few ids (those rows add nothing to the loss).
     """
-    for role, (rows, missing, examples) in coverage.items():
+    hook = getattr(params, "pseudo_label_roles", None)
+    needed = tuple(hook()) if callable(hook) else ()
+    for role in needed:
+        rows = [i for i, r in role_of.items() if r == role]
         if not rows:
             continue
         if not label_store:
             raise ValueError(
                 f"method {method!r} trains its {role} rows on label-store pseudo labels, but data.label_store is "
-                f"not set ({rows} {role} training rows would train on nothing); build one with "
+                f"not set ({len(rows)} {role} training rows would train on nothing); build one with "
                 "`raysemiseg pseudolabel` and set data.label_store")
-        if missing == rows:
+        missing = [i for i in rows if i not in pseudo]
+        if len(missing) == len(rows):
             raise ValueError(
-                f"data.label_store {label_store} has no pseudo label for any of the {rows} {role} training "
-                f"rows of method {method!r}, e.g. {examples}: wrong label store, or recipe run on other splits?")
+                f"data.label_store {label_store} has no pseudo label for any of the {len(rows)} {role} training "
+                f"rows of method {method!r}, e.g. {missing[:3]}: wrong label store, or recipe run on other splits?")
         if missing:
             warnings.warn(
-                f"data.label_store {label_store} has no pseudo label for {missing} of the {rows} {role} "
-                f"training rows of method {method!r}, e.g. {examples} (quarantined, or outside the recipe's "
+                f"data.label_store {label_store} has no pseudo label for {len(missing)} of the {len(rows)} {role} "
+                f"training rows of method {method!r}, e.g. {missing[:3]} (quarantined, or outside the recipe's "
                 "splits or max_rows): those rows train on nothing; relabel them or give them role 'none' in the "
                 "split file", stacklevel=2)
 
 
-def sharded_data_config(plan: DataPlan) -> Any:
-    """Ray Train ``DataConfig`` for a plan: the training pools split equally over the workers
-    (``streaming_split(equal=True)``: equal steps, no collective hangs), ``plan.unequal_split_names``
-    (validation) split without dropping rows (``equal=False``: each row is scored once, by one
-    worker; evaluation has no collective until the final metric reduction)."""
-    from ray.train import DataConfig
+def _rows_dataset(store: Any, roles: dict[str, str], pseudo: dict[str, bytes], cache: bool,
+                  columns: list[str] | None = None, block_rows: int = 32) -> Any:
+    """The store rows in ``roles`` with ``role``/``pseudo`` columns, as a Ray dataset.
 
-    unequal = list(plan.unequal_split_names)
+    ``cache=True``: the driver reads them with pyarrow (column projection) and puts them in the
+    Ray object store once (``ray.data.from_arrow``, blocks of ``block_rows``): every epoch reuses
+    them. ``cache=False``: Ray Data streams the store's Parquet files each epoch
+    (``store.dataset()``) and filters in map tasks -- for stores larger than memory.
+    """
+    import ray.data
 
-    class ShardedDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # type: ignore[override]
-            out = super().configure({k: v for k, v in datasets.items() if k not in unequal}, world_size,
-                                    worker_handles, worker_node_ids, **kwargs)
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for name in unequal:
-                if name not in datasets:
-                    continue
-                ds = datasets[name].copy(datasets[name])
-                if ds.name is None:
-                    ds.set_name(name)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    out[i][name] = it
-            return out
-
-    return ShardedDataConfig(datasets_to_split=list(plan.split_names))
+    if cache:
+        t = attach_roles(store.read_table(columns=columns), roles, pseudo)
+        blocks = [t.slice(i, block_rows) for i in range(0, max(t.num_rows, 1), block_rows)]
+        return ray.data.from_arrow(blocks)
+    return store.dataset(columns=columns).map_batches(attach_roles, fn_kwargs={"roles": roles, "pseudo": pseudo},
+                                                      batch_format="pyarrow", batch_size=64)
 
 
 def quiet_ray_data() -> None:
@@ -495,6 +296,19 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def attach_roles(batch: pa.Table, roles: dict[str, str], pseudo: dict[str, bytes]) -> pa.Table:
+    """Ray Data stage: keep rows whose id is in ``roles``; add ``role`` and ``pseudo`` columns.
+
+    A broadcast join: ``roles`` (image_id -> strong|weak) and ``pseudo`` (image_id -> label-store
+    PNG) travel with the task (Ray stores ``fn_kwargs`` once in the object store).
+    """
+    keep = pc.is_in(batch["image_id"], pa.array(list(roles), pa.string()))
+    t = batch.filter(keep)
+    ids = t["image_id"].to_pylist()
+    t = t.append_column("role", pa.array([roles[i] for i in ids], pa.string()))
+    return t.append_column("pseudo", pa.array([pseudo.get(i) for i in ids], pa.binary()))
 
 
 def strong_rows_per_batch(batch_size: int, strong_fraction: float) -> int:
@@ -659,10 +473,7 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     for i in range(n):
         image = decode_image(cols["image"][i])
         h, w = image.shape[:2]
-        strong = cols["role"][i] == "strong"
-        if strong and cols["mask"][i] is None:
-            raise ValueError(f"row {cols['image_id'][i]}: role 'strong' but the store holds no pixel mask for it "
-                             "(supervision is not 'pixel'); give it role 'weak' or 'none' in data.split_file")
+        strong = cols["role"][i] == "strong" and cols["mask"][i] is not None
         is_strong[i] = strong
         void = np.full((h, w), ignore_index, np.int64)
         maps = [decode_mask(cols["mask"][i]) if strong else void]
@@ -710,9 +521,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
 class _Pool:
     """Endless row stream over one dataset shard, re-iterated (reshuffled) at each pass end."""
 
-    def __init__(self, name: str, shard: Any, fetch: int, shuffle_buffer: int, seed: int, passes: int = 0) -> None:
+    def __init__(self, name: str, shard: Any, fetch: int, shuffle_buffer: int, seed: int) -> None:
         self.name, self.shard, self.fetch, self.shuffle_buffer, self.seed = name, shard, fetch, shuffle_buffer, seed
-        self.passes = passes
+        self.passes = 0
         self._it: Iterator[dict[str, np.ndarray]] | None = None
         self._buf: list[dict[str, np.ndarray]] = []
         self._buffered = 0
@@ -756,16 +567,10 @@ class BatchSampler:
         strong_fraction: ``f`` or None (one pool, batches as sampled).
         shuffle_buffer: local shuffle buffer in rows (0 = none).
         seed: shuffle seed (pass ``p`` uses ``seed + p``).
-        start_step: steps already trained (a resumed run): each pool's pass counter starts at the
-            passes those steps made, ``start_step * rows_per_batch_from_pool // shard_rows[pool]``,
-            so a resumed run does not replay the first passes' shuffle seeds.
-        shard_rows: rows of each pool on this worker (``pool_rows // num_workers``); needed
-            with ``start_step``.
     """
 
     def __init__(self, shards: dict[str, Any], batch_size: int, strong_fraction: float | None,
-                 shuffle_buffer: int = 0, seed: int = 0, start_step: int = 0,
-                 shard_rows: dict[str, int] | None = None) -> None:
+                 shuffle_buffer: int = 0, seed: int = 0) -> None:
         self.batch_size = batch_size
         if strong_fraction is None:
             self.quota = {"train": batch_size}
@@ -775,10 +580,7 @@ class BatchSampler:
         missing = set(self.quota) - set(shards)
         if missing:
             raise ValueError(f"missing dataset shards {sorted(missing)}; have {sorted(shards)}")
-        rows = shard_rows or {}
-        self.pools = {name: _Pool(name, shards[name], k, shuffle_buffer, seed,
-                                  passes=start_step * k // rows[name] if rows.get(name) else 0)
-                      for name, k in self.quota.items()}
+        self.pools = {name: _Pool(name, shards[name], k, shuffle_buffer, seed) for name, k in self.quota.items()}
 
     def next(self) -> dict[str, np.ndarray]:
         """One batch of ``batch_size`` rows (strong rows first), numpy arrays as in :func:`augment_batch`."""

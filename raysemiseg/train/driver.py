@@ -144,11 +144,11 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
     Raises:
         ValueError / FileNotFoundError: from the data plan (empty pools, missing split file...).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raysemiseg.methods.base import get_method
-    from raysemiseg.train.data import build_datasets, describe_plan, sharded_data_config, steps_per_epoch
+    from raysemiseg.train.data import build_datasets, describe_plan, steps_per_epoch
 
     method_cls = get_method(cfg.method.name)
     plan = build_datasets(cfg, uses_boxes="box" in method_cls.uses)
@@ -164,7 +164,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
         (local_root / cfg.run.name).mkdir(parents=True, exist_ok=True)
         fault_marker = str(local_root / cfg.run.name / ".fault_injected")
     worker_config = {"cfg": cfg.model_dump(mode="json"), "steps_per_epoch": steps, "fault_marker": fault_marker,
-                     "pools": sorted(plan.pool_rows), "pool_rows": dict(plan.pool_rows),
+                     "pools": sorted(plan.pool_rows),
                      "label_space": {**plan.label_space.to_dict(), "name": plan.label_space.name}}
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {}), **sc.resources_per_worker}
@@ -181,7 +181,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
                                                checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             callbacks=callbacks or None),
         datasets=plan.datasets,
-        dataset_config=sharded_data_config(plan),  # pools split equally, val without dropping rows
+        dataset_config=DataConfig(datasets_to_split=plan.split_names),
     )
     return trainer, worker_config
 

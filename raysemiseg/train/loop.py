@@ -471,8 +471,8 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
     :class:`~raysemiseg.eval.metrics.LabelCounts`), two all_reduces per call.
 
     Args:
-        rows: the worker's validation shard (``streaming_split(equal=False)``: every row is in
-            exactly one worker's shard, so each row counts once), or any rows for one process.
+        rows: the worker's validation iterator (every worker sees all rows; worker ``r`` scores
+            rows ``i % world == r``, so each row counts once).
         given_labels: predict with each row's image-level labels (label-conditioned methods;
             the rows need a ``labels`` column).
 
@@ -480,11 +480,11 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
         :class:`ValMetrics` over all workers' rows.
     """
     method.eval()
-    _, world = _world()
+    rank, world = _world()
     cm = IoUCounts(num_classes, ignore_index, device=device)
     lc = LabelCounts(num_classes, device=device)
     masks = 0
-    for row in iter_val_rows(rows):
+    for row in iter_val_rows(rows, rank, world):
         if row["mask"] is None and row.get("labels") is None:
             continue
         pred = predict_image(method, row["image"], mean, std, device, val_size, amp,
@@ -635,9 +635,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = ["train"] if cfg.data.strong_fraction is None else [
         n for n in ("train_strong", "train_weak") if n in config["pools"]]
     sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
-                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank,
-                           start_step=global_step, shard_rows={n: r // ctx.get_world_size()
-                                                               for n, r in config.get("pool_rows", {}).items()})
+                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
     val_shard = ray.train.get_dataset_shard("val")
     num_nodes = count_nodes(device)
 

@@ -105,23 +105,20 @@ def test_runs_that_train_on_pseudo_labels_need_a_label_store_covering_their_rows
     from raysemiseg.methods.dual_branch import DualBranchParams, SingleBranchParams
     from raysemiseg.methods.wssl import WsslParams
 
-    from raysemiseg.train.data import pseudo_label_roles
-
-    assert pseudo_label_roles(DualBranchParams()) == ("weak",) and pseudo_label_roles(WsslParams()) == ()
-    assert pseudo_label_roles(SingleBranchParams(use_weak=False)) == ()
-    pseudo_strong = DualBranchParams(weak_branch_rows="all", weak_branch_strong_target="pseudo")
-    assert set(pseudo_label_roles(pseudo_strong)) == {"strong", "weak"}
-    # coverage: {role: (rows, rows without a pseudo label, a few of those ids)}
+    roles = {"s0": "strong", "w0": "weak", "w1": "weak"}
     with pytest.raises(ValueError, match="dual_branch.*data.label_store is not set"):
-        check_pseudo_coverage("dual_branch", {"weak": (2, 2, [])}, None)
+        check_pseudo_coverage("dual_branch", DualBranchParams(), roles, {}, None)
     with pytest.raises(ValueError, match=r"no pseudo label for any of the 2 weak"):
-        check_pseudo_coverage("single_branch_mixed", {"weak": (2, 2, ["w0", "w1"])}, "LS")
+        check_pseudo_coverage("single_branch_mixed", SingleBranchParams(), roles, {"s0": b""}, "LS")
     with pytest.warns(UserWarning, match=r"no pseudo label for 1 of the 2 weak.*'w1'"):
-        check_pseudo_coverage("single_branch_mixed", {"weak": (2, 1, ["w1"])}, "LS")
-    check_pseudo_coverage("dual_branch", {"weak": (2, 0, [])}, "LS")
+        check_pseudo_coverage("single_branch_mixed", SingleBranchParams(), roles, {"w0": b""}, "LS")
+    check_pseudo_coverage("dual_branch", DualBranchParams(), roles, {"w0": b"", "w1": b""}, "LS")
+    pseudo_strong = DualBranchParams(weak_branch_rows="all", weak_branch_strong_target="pseudo")
     with pytest.raises(ValueError, match=r"strong.*'s0'"):
-        check_pseudo_coverage("dual_branch", {"weak": (2, 0, []), "strong": (1, 1, ["s0"])}, "LS")
-    check_pseudo_coverage("dual_branch", {"weak": (0, 0, [])}, None)   # no weak rows
+        check_pseudo_coverage("dual_branch", pseudo_strong, roles, {"w0": b"", "w1": b""}, "LS")
+    check_pseudo_coverage("single_branch_mixed", SingleBranchParams(use_weak=False), roles, {}, None)
+    check_pseudo_coverage("wssl", WsslParams(), roles, {}, None)
+    check_pseudo_coverage("dual_branch", DualBranchParams(), {"s0": "strong"}, {}, None)   # no weak rows
 
 
 def test_box_bits_keep_every_class_of_nested_boxes() -> None:
