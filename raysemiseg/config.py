@@ -31,8 +31,12 @@ class DataConfig(StrictModel):
     label_recipe: str | None = Field(None, description="recipe to use when the label store holds several")
     shuffle_buffer: int = Field(64, ge=0, description="worker-side local shuffle buffer, rows (0 = store order)")
     cache_rows: bool = Field(
-        True, description="keep the selected rows' encoded bytes in the Ray object store across epochs "
-                          "(False = stream them from Parquet every epoch, for stores larger than memory)")
+        False, description="materialize the selected rows' encoded bytes once in the Ray object store (on the "
+                           "cluster; block order reshuffled every pass): for stores that fit in it; False = "
+                           "stream them from Parquet every pass, file order reshuffled (stores larger than memory)")
+    broadcast_join_mb: float = Field(
+        64.0, ge=0.0, description="split file + label store up to this size on disk (MB) are broadcast to the "
+                                  "read tasks; larger ones are joined with Ray Data's hash join (0 = always)")
     crop_size: int = Field(256, ge=32, description="square training crop side, pixels")
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True

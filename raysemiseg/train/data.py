@@ -1,19 +1,14 @@
-"""Training and validation data: store rows -> Ray Data -> decode/augment -> mixed batches -> :class:`Batch`.
+"""Training and validation data: decode/augment -> mixed batches -> :class:`Batch`.
 
-Driver side (:func:`build_datasets`) decides which store rows train and validate and with which
-role, and returns Ray Data datasets for the Ray Train worker group:
+Which store rows train and validate, with which role and pseudo label, is the driver's data plan
+(:mod:`raysemiseg.train.plan`); this module holds what runs on the data:
 
-* the row roles come from the split file (``data.split_file``: columns image_id, split, role) when
-  set, else from the store: ``split`` column, role ``strong`` for ``supervision == "pixel"`` rows
-  and ``weak`` otherwise. ``role == "none"`` rows are dropped. Weak rows never expose their pixel
-  mask (it is replaced by ``ignore_index``), whatever the store holds.
-* pseudo labels (``data.label_store``) are joined by ``image_id`` for the rows the store covers
-  (broadcast join: the label store's ``image_id -> mask PNG`` map travels with the map task;
-  label PNGs are a few KB, so tens of MB for 10k images).
 * decode + augment (random scale, random crop padded with ``ignore_index`` / mean colour, random
   horizontal flip) run in Ray Data ``map_batches`` tasks, off the training process, and emit
-  fixed-size uint8/int arrays. Normalisation with the backbone's mean/std happens on the worker's
-  device in :func:`collate` (uint8 travels through the object store: 4x smaller than float32).
+  fixed-size uint8/int arrays. Weak rows never expose their pixel mask (it is replaced by
+  ``ignore_index``), whatever the store holds. Normalisation with the backbone's mean/std happens on
+  the worker's device in :func:`collate` (uint8 travels through the object store: 4x smaller than
+  float32).
 
 Worker side: :class:`BatchSampler` turns the worker's dataset shards into an endless stream of
 mixed mini-batches. With ``data.strong_fraction = f`` every batch of ``B`` rows holds exactly
@@ -25,268 +20,21 @@ smaller) strong pool is oversampled. Methods never see any of this: they receive
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from raysemiseg.data.schema import decode_image, decode_mask
-from raysemiseg.labels import LabelSpace
 from raysemiseg.methods.base import Batch
 
-ROLES = ("strong", "weak", "none")
 #: pad colour of crops (ImageNet mean, RGB uint8): zero after normalisation
 PAD_RGB = (124, 116, 104)
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver side: which rows, which role
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataPlan:
-    """What the driver hands to the worker group.
-
-    Attributes:
-        datasets: Ray datasets by name: ``"train"`` (one pool) or ``"train_strong"`` +
-            ``"train_weak"`` (fixed strong fraction), and ``"val"`` (raw rows, not split).
-        pool_rows: rows per training pool (before sharding), e.g. ``{"train": 80}``.
-        val_rows: number of validation rows.
-        label_space: the store's label space (masks are in it).
-        split_names: names of the datasets that Ray Train shards across workers.
-    """
-
-    datasets: dict[str, Any]
-    pool_rows: dict[str, int]
-    val_rows: int
-    label_space: LabelSpace
-    split_names: list[str] = field(default_factory=list)
-
-
-def read_roles(data_cfg: Any, store: Any) -> pa.Table:
-    """The (image_id, split, role) table of every store row that a run may use.
-
-    Args:
-        data_cfg: :class:`raysemiseg.config.DataConfig`.
-        store: an opened image store (``raysemiseg.data.store.open_store``).
-
-    Returns:
-        pa.Table with string columns image_id, split, role (role in :data:`ROLES`).
-
-    Raises:
-        ValueError: the split file lacks a column, holds an unknown role, or names image ids
-            that are not in the store (the first few are listed).
-    """
-    base = store.read_table(columns=["image_id", "split", "supervision"])
-    if data_cfg.split_file is None:
-        role = pc.if_else(pc.equal(base["supervision"], "pixel"), "strong", "weak")
-        return pa.table({"image_id": base["image_id"], "split": base["split"], "role": role})
-    path = Path(data_cfg.split_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.split_file {path} does not exist (write one with `raysemiseg data split`)")
-    split = pq.read_table(path)
-    missing = {"image_id", "split", "role"} - set(split.column_names)
-    if missing:
-        raise ValueError(f"split file {path} lacks columns {sorted(missing)} (has {split.column_names})")
-    bad_roles = set(pc.unique(split["role"]).to_pylist()) - set(ROLES)
-    if bad_roles:
-        raise ValueError(f"split file {path}: unknown roles {sorted(bad_roles)}; valid: {list(ROLES)}")
-    unknown = pc.filter(split["image_id"], pc.invert(pc.is_in(split["image_id"], base["image_id"])))
-    if len(unknown):
-        raise ValueError(f"split file {path}: {len(unknown)} image ids are not in the store, e.g. {unknown[:3].to_pylist()}")
-    return split.select(["image_id", "split", "role"])
-
-
-def _cap(ids: list[str], roles: list[str], cap: int | None, seed: int) -> tuple[list[str], list[str]]:
-    """Keep ``cap`` rows chosen reproducibly from ``seed`` (all when ``cap`` is None)."""
-    if cap is None or cap >= len(ids):
-        return ids, roles
-    keep = np.sort(np.random.default_rng(seed).choice(len(ids), size=cap, replace=False))
-    return [ids[i] for i in keep], [roles[i] for i in keep]
-
-
-def read_label_store(label_store: str | Path, recipe: str | None = None) -> dict[str, bytes]:
-    """``image_id -> pseudo-label mask PNG`` from ``LABELS/shards/*.parquet``.
-
-    Args:
-        label_store: the label store directory.
-        recipe: which recipe's rows to use; required when the store holds more than one.
-
-    Raises:
-        FileNotFoundError: no shards.
-        ValueError: several recipes and none chosen (the recipes are listed), or an unknown recipe.
-    """
-    shards = sorted(Path(label_store, "shards").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"label store {label_store} has no shards/*.parquet (run `raysemiseg pseudolabel`)")
-    t = pa.concat_tables([pq.read_table(s, columns=["image_id", "recipe", "mask"]) for s in shards])
-    recipes = sorted(set(t["recipe"].to_pylist()))
-    if recipe is None:
-        if len(recipes) > 1:
-            raise ValueError(f"label store {label_store} holds recipes {recipes}; set data.label_recipe")
-    elif recipe not in recipes:
-        raise ValueError(f"label store {label_store} has no recipe {recipe!r}; valid: {recipes}")
-    else:
-        t = t.filter(pc.equal(t["recipe"], recipe))
-    return dict(zip(t["image_id"].to_pylist(), t["mask"].to_pylist()))
-
-
-def _pixel_only(method_name: str) -> bool:
-    """Whether the method's ``uses`` is pixel labels alone (its weak rows would carry no loss)."""
-    from raysemiseg.methods.base import get_method
-
-    return tuple(get_method(method_name).uses) == ("pixel",)
-
-
-def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
-    """Ray datasets for a run (driver side; nothing is read from Parquet beyond id columns).
-
-    Args:
-        cfg: :class:`raysemiseg.config.TrainConfig`.
-        uses_boxes: render Bbox-Rect box masks (``Batch.box_masks``) and per-class box bits
-            (``Batch.box_bits``) for the method.
-
-    Raises:
-        ValueError: a pool needed by ``data.strong_fraction`` is empty, no validation rows with
-            masks, the store's label space differs from ``cfg.label_space``, or the method trains
-            rows on pseudo labels that ``data.label_store`` lacks (:func:`check_pseudo_coverage`).
-    """
-    from raysemiseg.data.store import open_store
-    from raysemiseg.labels import load_label_space
-
-    d = cfg.data
-    store = open_store(d.store)
-    space = store.label_space
-    want = load_label_space(cfg.label_space)
-    if tuple(want.names) != tuple(space.names):
-        raise ValueError(
-            f"label_space {cfg.label_space!r} ({want.num_classes} classes) differs from the store's "
-            f"{space.name!r} ({space.num_classes} classes); set label_space to match the store")
-    roles = read_roles(d, store)
-    train = roles.filter(pc.and_(pc.equal(roles["split"], d.train_split), pc.not_equal(roles["role"], "none")))
-    val = roles.filter(pc.equal(roles["split"], d.val_split))
-    tr_ids, tr_roles = _cap(train["image_id"].to_pylist(), train["role"].to_pylist(), d.max_train_rows, cfg.run.seed)
-    va_ids, _ = _cap(val["image_id"].to_pylist(), val["role"].to_pylist(), d.max_val_rows, cfg.run.seed)
-    if not tr_ids:
-        raise ValueError(f"no training rows: split {d.train_split!r} is empty in {d.store}")
-    if not va_ids:
-        raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
-    pseudo = read_label_store(d.label_store, d.label_recipe) if d.label_store else {}
-    check_pseudo_coverage(cfg.method.name, cfg.method.build_params(), dict(zip(tr_ids, tr_roles)), pseudo,
-                          d.label_store)
-
-    aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
-               ignore_index=space.ignore_index, num_classes=space.num_classes,
-               uses_boxes=uses_boxes, seed=cfg.run.seed)
-    quiet_ray_data()
-    role_of = dict(zip(tr_ids, tr_roles))
-    if d.strong_fraction is None and _pixel_only(cfg.method.name):
-        # a method that trains from pixel labels alone (strong_only) gets batches of strong rows only:
-        # weak rows in its batches would carry no loss and dilute every step (25 % strong split:
-        # 2 of 8 crops per batch would train)
-        role_of = {i: r for i, r in role_of.items() if r == "strong"}
-        if not role_of:
-            raise ValueError(f"method {cfg.method.name!r} trains from pixel labels only, but split "
-                             f"{d.train_split!r} of {d.store} has no strong rows")
-    if d.strong_fraction is None:
-        pools = {"train": role_of}
-    else:
-        pools = {"train_strong": {i: r for i, r in role_of.items() if r == "strong"},
-                 "train_weak": {i: r for i, r in role_of.items() if r == "weak"}}
-        k_s = strong_rows_per_batch(d.batch_size, d.strong_fraction)
-        for name, k in (("train_strong", k_s), ("train_weak", d.batch_size - k_s)):
-            if k > 0 and not pools[name]:
-                raise ValueError(
-                    f"data.strong_fraction={d.strong_fraction} needs {k} {name[6:]} rows per batch, but split "
-                    f"{d.train_split!r} has no {name[6:]} rows")
-            if k == 0:
-                del pools[name]
-    datasets: dict[str, Any] = {}
-    for name, ids in pools.items():
-        datasets[name] = _rows_dataset(store, ids, pseudo, d.cache_rows).map_batches(
-            augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
-    # validation rows are re-read every epoch: always cached (encoded bytes, one val split)
-    datasets["val"] = _rows_dataset(store, dict.fromkeys(va_ids, "strong"), {}, cache=True,
-                                     columns=["image_id", "image", "mask", "labels"])
-    pool_rows = {name: len(ids) for name, ids in pools.items()}
-    return DataPlan(datasets=datasets, pool_rows=pool_rows, val_rows=len(va_ids), label_space=space,
-                    split_names=[n for n in datasets if n != "val"])
-
-
-def check_pseudo_coverage(method: str, params: Any, role_of: dict[str, str], pseudo: dict[str, bytes],
-                          label_store: str | Path | None) -> None:
-    """Refuse a run whose method trains some rows on label-store pseudo labels that it lacks.
-
-    A method declares the row roles it trains on ``batch.pseudo`` through
-    ``params.pseudo_label_roles()`` (``dual_branch``, ``single_branch_mixed``); without a stored
-    label such rows are all ``ignore_index`` and their loss would silently be 0. Methods without the
-    hook (e.g. ``wssl``, whose weak rows without a stored label take the online E-step) pass.
-
-    Args:
-        method: the method name (for the message).
-        params: the method's validated params.
-        role_of: training ``image_id -> role`` (after ``data.max_train_rows``).
-        pseudo: ``image_id -> pseudo-label PNG`` of ``data.label_store`` (empty without one).
-        label_store: ``data.label_store``.
-
-    Raises:
-        ValueError: rows of a needed role exist but ``data.label_store`` is unset, or the store
-            covers none of them. A store that misses only some of them gives a warning naming their
-            count and a few ids (those rows add nothing to the loss).
-    """
-    hook = getattr(params, "pseudo_label_roles", None)
-    needed = tuple(hook()) if callable(hook) else ()
-    for role in needed:
-        rows = [i for i, r in role_of.items() if r == role]
-        if not rows:
-            continue
-        if not label_store:
-            raise ValueError(
-                f"method {method!r} trains its {role} rows on label-store pseudo labels, but data.label_store is "
-                f"not set ({len(rows)} {role} training rows would train on nothing); build one with "
-                "`raysemiseg pseudolabel` and set data.label_store")
-        missing = [i for i in rows if i not in pseudo]
-        if len(missing) == len(rows):
-            raise ValueError(
-                f"data.label_store {label_store} has no pseudo label for any of the {len(rows)} {role} training "
-                f"rows of method {method!r}, e.g. {missing[:3]}: wrong label store, or recipe run on other splits?")
-        if missing:
-            warnings.warn(
-                f"data.label_store {label_store} has no pseudo label for {len(missing)} of the {len(rows)} {role} "
-                f"training rows of method {method!r}, e.g. {missing[:3]} (quarantined, or outside the recipe's "
-                "splits or max_rows): those rows train on nothing; relabel them or give them role 'none' in the "
-                "split file", stacklevel=2)
-
-
-def _rows_dataset(store: Any, roles: dict[str, str], pseudo: dict[str, bytes], cache: bool,
-                  columns: list[str] | None = None, block_rows: int = 32) -> Any:
-    """The store rows in ``roles`` with ``role``/``pseudo`` columns, as a Ray dataset.
-
-    ``cache=True``: the driver reads them with pyarrow (column projection) and puts them in the
-    Ray object store once (``ray.data.from_arrow``, blocks of ``block_rows``): every epoch reuses
-    them. ``cache=False``: Ray Data streams the store's Parquet files each epoch
-    (``store.dataset()``) and filters in map tasks -- for stores larger than memory.
-    """
-    import ray.data
-
-    if cache:
-        t = attach_roles(store.read_table(columns=columns), roles, pseudo)
-        blocks = [t.slice(i, block_rows) for i in range(0, max(t.num_rows, 1), block_rows)]
-        return ray.data.from_arrow(blocks)
-    return store.dataset(columns=columns).map_batches(attach_roles, fn_kwargs={"roles": roles, "pseudo": pseudo},
-                                                      batch_format="pyarrow", batch_size=64)
 
 
 def quiet_ray_data() -> None:
@@ -296,19 +44,6 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-def attach_roles(batch: pa.Table, roles: dict[str, str], pseudo: dict[str, bytes]) -> pa.Table:
-    """Ray Data stage: keep rows whose id is in ``roles``; add ``role`` and ``pseudo`` columns.
-
-    A broadcast join: ``roles`` (image_id -> strong|weak) and ``pseudo`` (image_id -> label-store
-    PNG) travel with the task (Ray stores ``fn_kwargs`` once in the object store).
-    """
-    keep = pc.is_in(batch["image_id"], pa.array(list(roles), pa.string()))
-    t = batch.filter(keep)
-    ids = t["image_id"].to_pylist()
-    t = t.append_column("role", pa.array([roles[i] for i in ids], pa.string()))
-    return t.append_column("pseudo", pa.array([pseudo.get(i) for i in ids], pa.binary()))
 
 
 def strong_rows_per_batch(batch_size: int, strong_fraction: float) -> int:
@@ -453,6 +188,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         label, no loss); ``labels`` (N, K) uint8 multi-hot image-level labels (background column
         set when the space has one at id 0): for strong rows the classes of the CROPPED mask (a
         class cropped out is not present), for weak rows the store's whole-image labels; ``is_strong`` (N,) bool; ``image_id`` (N,) str.
+
+    Raises:
+        ValueError: a ``strong`` row without a pixel mask (named; never trained as weak silently).
     """
     if rng is None:
         ids_crc = zlib.crc32("".join(batch["image_id"].to_pylist()).encode())
@@ -473,7 +211,10 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     for i in range(n):
         image = decode_image(cols["image"][i])
         h, w = image.shape[:2]
-        strong = cols["role"][i] == "strong" and cols["mask"][i] is not None
+        strong = cols["role"][i] == "strong"
+        if strong and cols["mask"][i] is None:
+            raise ValueError(f"row {cols['image_id'][i]}: role 'strong' but the store holds no pixel mask "
+                             "(give it role 'weak' in the split file, or add its mask to the store)")
         is_strong[i] = strong
         void = np.full((h, w), ignore_index, np.int64)
         maps = [decode_mask(cols["mask"][i]) if strong else void]
@@ -692,8 +433,3 @@ def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> I
                        "mask": None if mask is None else decode_mask(mask),
                        "labels": cols["labels"][j] if "labels" in cols else None}
             i += 1
-
-
-def describe_plan(plan: DataPlan) -> str:
-    """One line for logs: pools, rows, label space."""
-    return json.dumps({"pools": plan.pool_rows, "val_rows": plan.val_rows, "label_space": plan.label_space.name})

@@ -148,7 +148,8 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raysemiseg.methods.base import get_method
-    from raysemiseg.train.data import build_datasets, describe_plan, steps_per_epoch
+    from raysemiseg.train.data import steps_per_epoch
+    from raysemiseg.train.plan import build_datasets, describe_plan
 
     method_cls = get_method(cfg.method.name)
     plan = build_datasets(cfg, uses_boxes="box" in method_cls.uses)

@@ -13,7 +13,7 @@ from raysemiseg.labels import builtin
 from raysemiseg.methods.base import Batch, Method, OptimizerGroup
 from raysemiseg.data.schema import encode_image, encode_mask
 from raysemiseg.train.data import (
-    PAD_RGB, BatchSampler, augment_batch, augment_example, check_pseudo_coverage, collate, render_box_bits,
+    PAD_RGB, BatchSampler, augment_batch, augment_example, collate, render_box_bits,
     render_boxes, steps_per_epoch, strong_rows_per_batch,
 )
 from raysemiseg.train.loop import (
@@ -105,20 +105,23 @@ def test_runs_that_train_on_pseudo_labels_need_a_label_store_covering_their_rows
     from raysemiseg.methods.dual_branch import DualBranchParams, SingleBranchParams
     from raysemiseg.methods.wssl import WsslParams
 
-    roles = {"s0": "strong", "w0": "weak", "w1": "weak"}
-    with pytest.raises(ValueError, match="dual_branch.*data.label_store is not set"):
-        check_pseudo_coverage("dual_branch", DualBranchParams(), roles, {}, None)
-    with pytest.raises(ValueError, match=r"no pseudo label for any of the 2 weak"):
-        check_pseudo_coverage("single_branch_mixed", SingleBranchParams(), roles, {"s0": b""}, "LS")
-    with pytest.warns(UserWarning, match=r"no pseudo label for 1 of the 2 weak.*'w1'"):
-        check_pseudo_coverage("single_branch_mixed", SingleBranchParams(), roles, {"w0": b""}, "LS")
-    check_pseudo_coverage("dual_branch", DualBranchParams(), roles, {"w0": b"", "w1": b""}, "LS")
+    from raysemiseg.train.plan import check_pseudo_coverage, pseudo_label_roles
+
+    assert pseudo_label_roles(DualBranchParams()) == ("weak",) and pseudo_label_roles(WsslParams()) == ()
+    assert pseudo_label_roles(SingleBranchParams(use_weak=False)) == ()
     pseudo_strong = DualBranchParams(weak_branch_rows="all", weak_branch_strong_target="pseudo")
+    assert set(pseudo_label_roles(pseudo_strong)) == {"strong", "weak"}
+    # coverage: {role: (rows, rows without a pseudo label, a few of those ids)}
+    with pytest.raises(ValueError, match="dual_branch.*data.label_store is not set"):
+        check_pseudo_coverage("dual_branch", {"weak": (2, 2, [])}, None)
+    with pytest.raises(ValueError, match=r"no pseudo label for any of the 2 weak"):
+        check_pseudo_coverage("single_branch_mixed", {"weak": (2, 2, ["w0", "w1"])}, "LS")
+    with pytest.warns(UserWarning, match=r"no pseudo label for 1 of the 2 weak.*'w1'"):
+        check_pseudo_coverage("single_branch_mixed", {"weak": (2, 1, ["w1"])}, "LS")
+    check_pseudo_coverage("dual_branch", {"weak": (2, 0, [])}, "LS")
     with pytest.raises(ValueError, match=r"strong.*'s0'"):
-        check_pseudo_coverage("dual_branch", pseudo_strong, roles, {"w0": b"", "w1": b""}, "LS")
-    check_pseudo_coverage("single_branch_mixed", SingleBranchParams(use_weak=False), roles, {}, None)
-    check_pseudo_coverage("wssl", WsslParams(), roles, {}, None)
-    check_pseudo_coverage("dual_branch", DualBranchParams(), {"s0": "strong"}, {}, None)   # no weak rows
+        check_pseudo_coverage("dual_branch", {"weak": (2, 0, []), "strong": (1, 1, ["s0"])}, "LS")
+    check_pseudo_coverage("dual_branch", {"weak": (0, 0, [])}, None)   # no weak rows
 
 
 def test_box_bits_keep_every_class_of_nested_boxes() -> None:
@@ -283,7 +286,7 @@ def test_pixel_only_methods_train_on_strong_rows_only(sample_store, tmp_path) ->
     that uses weak rows (wssl) keeps every training row."""
     from raysemiseg.config import load_config
     from raysemiseg.data.splits import SplitSpec, make_split, split_counts, write_split
-    from raysemiseg.train.data import build_datasets
+    from raysemiseg.train.plan import build_datasets
 
     table = make_split(sample_store, SplitSpec("i3s-fraction", fraction=0.25, seed=0))
     counts = split_counts(table)["train"]

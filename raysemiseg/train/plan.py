@@ -1,0 +1,686 @@
+"""The training data plan (driver side): which store rows train and validate, with which role and
+pseudo label, as streamed Ray datasets. The driver never holds the dataset.
+
+What the driver does, and what it costs at the design card's scale (10M rows, 21,841 classes):
+
+* **Planning scans** (:func:`scan_batches`): counts per role, the ``max_*_rows`` caps, the split
+  file's checks and the pseudo-label coverage are streaming pyarrow scans of a few small columns
+  (``image_id``, ``split``, ``supervision``, ``role``, ``recipe``) in record batches of
+  :data:`SCAN_ROWS`: O(batch) memory on the driver, O(rows) time (about a second per million
+  ids), no Ray round trips. Only counts, a few example ids and at most the capped ids stay.
+* **Reads**: the training pools and the validation rows are ``ray.data.read_parquet`` of the
+  store files with the split (and, without a split file, the ``supervision``) predicate, the
+  column list and the cap's ids pushed into the scan (:meth:`ImageStore.dataset`); the file order
+  is reshuffled at every pass (seeded by ``run.seed``), or, with ``data.cache_rows``, the rows are
+  materialized once in the Ray object store (on the cluster, not the driver) and their block order
+  reshuffled every pass. With the worker's local shuffle buffer this mixes a class-sorted
+  (ImageNet-folder) store.
+* **Roles and pseudo labels** (the split file and the label store, the "side table") are attached
+  by a join on ``image_id``, chosen like Spark's ``autoBroadcastJoinThreshold``: a side table of
+  at most ``data.broadcast_join_mb`` MB on disk is read once on the driver and broadcast to the read
+  tasks (an Arrow table stored once in the object store; rows matched with a hash lookup,
+  :func:`attach_side`); a larger one is joined by Ray Data's hash join
+  (``Dataset.join(on=("image_id",))``), which never leaves the cluster. ``broadcast_join_mb: 0``
+  always uses the Ray join.
+
+Split file (``data.split_file``): Parquet with columns image_id, split, role (role in
+:data:`ROLES`); it replaces the store's own split column, and rows with role ``none`` are dropped.
+Without one, rows of ``data.train_split`` train with role ``strong`` when ``supervision ==
+"pixel"`` and ``weak`` otherwise. Weak rows never expose their pixel mask (augmentation replaces
+it with ``ignore_index``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from raysemiseg.data.splits import ROLES
+from raysemiseg.labels import LabelSpace
+from raysemiseg.train.data import augment_batch, strong_rows_per_batch
+#: rows per record batch of the driver's planning scans (a few MB of id strings)
+SCAN_ROWS = 65_536
+#: example ids kept for error messages
+EXAMPLES = 3
+
+
+@dataclass
+class DataPlan:
+    """What the driver hands to the worker group.
+
+    Attributes:
+        datasets: Ray datasets by name: ``"train"`` (one pool) or ``"train_strong"`` +
+            ``"train_weak"`` (fixed strong fraction), and ``"val"`` (raw rows, not split).
+        pool_rows: rows per training pool (before sharding), e.g. ``{"train": 80}``.
+        val_rows: number of validation rows.
+        label_space: the store's label space (masks are in it).
+        split_names: names of the datasets that Ray Train shards across workers.
+        join: how roles and pseudo labels were attached: ``"none"`` (store columns only),
+            ``"broadcast"`` or ``"ray"`` (Ray Data hash join).
+    """
+
+    datasets: dict[str, Any]
+    pool_rows: dict[str, int]
+    val_rows: int
+    label_space: LabelSpace
+    split_names: list[str] = field(default_factory=list)
+    join: str = "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning scans (driver, streaming, small columns only)
+# ----------------------------------------------------------------------------------------------
+
+
+def scan_batches(files: list[str] | list[Path], columns: list[str], filter: Any = None,
+                 schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream ``columns`` of Parquet ``files`` in record batches of :data:`SCAN_ROWS` rows.
+
+    Args:
+        files: Parquet file paths.
+        columns: the columns to read (the rest are never decoded).
+        filter: a ``pyarrow.dataset`` expression, pushed into the scan (row groups skipped by
+            their statistics).
+        schema: the files' common schema (default: the first file's).
+
+    Yields:
+        ``pa.RecordBatch`` with ``columns``; memory stays O(:data:`SCAN_ROWS`).
+    """
+    if not files:
+        return
+    ds = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
+    yield from ds.to_batches(columns=columns, filter=filter, batch_size=SCAN_ROWS)
+
+
+def cap_keys(ids: list[str], seed: int) -> np.ndarray:
+    """The cap's ordering key of each id: ``crc32("<seed>:<image_id>")`` (uint32 as int64)."""
+    return np.fromiter((zlib.crc32(f"{seed}:{i}".encode()) for i in ids), np.int64, count=len(ids))
+
+
+class SmallestK:
+    """The ``k`` rows with the smallest :func:`cap_keys` (ties by id) seen over a stream of batches.
+
+    Memory O(k + batch): the reproducible ``max_train_rows`` / ``max_val_rows`` subset without
+    holding the stream. ``k = None`` keeps nothing (no cap).
+    """
+
+    def __init__(self, k: int | None, seed: int) -> None:
+        self.k, self.seed = k, seed
+        self._ids = np.empty(0, object)
+        self._roles = np.empty(0, object)
+        self._keys = np.empty(0, np.int64)
+
+    def update(self, ids: list[str], roles: list[str]) -> None:
+        if self.k is None or not ids:
+            return
+        all_ids = np.concatenate([self._ids, np.asarray(ids, object)])
+        all_roles = np.concatenate([self._roles, np.asarray(roles, object)])
+        all_keys = np.concatenate([self._keys, cap_keys(ids, self.seed)])
+        if len(all_ids) > self.k:
+            order = np.lexsort((all_ids.astype(str), all_keys))[:self.k]
+            all_ids, all_roles, all_keys = all_ids[order], all_roles[order], all_keys[order]
+        self._ids, self._roles, self._keys = all_ids, all_roles, all_keys
+
+    def table(self) -> pa.Table:
+        """The kept rows: (image_id, role) string columns."""
+        return pa.table({"image_id": pa.array(self._ids.tolist(), pa.string()),
+                         "role": pa.array(self._roles.tolist(), pa.string())})
+
+
+@dataclass
+class _Counts:
+    """Per-role training counts and per-role pseudo-label coverage of one planning scan."""
+
+    roles: dict[str, int] = field(default_factory=dict)
+    lacking: dict[str, int] = field(default_factory=dict)     # rows of a role without a pseudo label
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, ids: pa.Array, roles: pa.Array, label_ids: pa.Array | None, needed: tuple[str, ...]) -> None:
+        for r, n in zip(*_value_counts(roles)):
+            self.roles[r] = self.roles.get(r, 0) + n
+        if label_ids is None:
+            return
+        for role in needed:
+            of_role = pc.filter(ids, pc.equal(roles, role))
+            missing = pc.filter(of_role, pc.invert(pc.is_in(of_role, value_set=label_ids)))
+            if len(missing):
+                self.lacking[role] = self.lacking.get(role, 0) + len(missing)
+                ex = self.examples.setdefault(role, [])
+                ex.extend(missing[:max(0, EXAMPLES - len(ex))].to_pylist())
+
+
+def _value_counts(arr: pa.Array) -> tuple[list[str], list[int]]:
+    vc = pc.value_counts(arr)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+def _split_train_filter(d: Any) -> Any:
+    return (pads.field("split") == d.train_split) & (pads.field("role") != "none")
+
+
+def _train_meta(d: Any, store: Any, split_path: Path | None) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """Stream (image_id, role) of the training rows (before the cap) from the split file or the store."""
+    if split_path is not None:
+        for b in scan_batches([split_path], ["image_id", "role"], _split_train_filter(d)):
+            yield b.column(0), b.column(1)
+        return
+    from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
+
+    for b in scan_batches(store.files, ["image_id", "supervision"], pads.field("split") == d.train_split,
+                          IMAGE_STORE_SCHEMA):
+        yield b.column(0), pc.if_else(pc.equal(b.column(1), "pixel"), "strong", "weak")
+
+
+def check_split_file(path: Path) -> None:
+    """Check a split file's columns and roles (a streaming scan of its ``role`` column).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a missing column (image_id, split, role) or an unknown role (listed with the valid ones).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"data.split_file {path} does not exist (write one with `raysemiseg data split`)")
+    names = pq.read_schema(path).names
+    missing = {"image_id", "split", "role"} - set(names)
+    if missing:
+        raise ValueError(f"split file {path} lacks columns {sorted(missing)} (has {names})")
+    seen: set[Any] = set()
+    for b in scan_batches([path], ["role"]):
+        seen.update(pc.unique(b.column(0)).to_pylist())
+    bad = seen - set(ROLES)
+    if bad:
+        raise ValueError(f"split file {path}: unknown roles {sorted(bad, key=str)}; valid: {list(ROLES)}")
+
+
+def _unknown_split_ids_on_driver(path: Path, store: Any) -> tuple[int, list[str]]:
+    """(count, a few) of the split file's ids that are not in the store: the split file's ids (a
+    broadcast-size table) against a streaming scan of the store's ``image_id`` column."""
+    from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
+
+    ids = pq.read_table(path, columns=["image_id"])["image_id"].combine_chunks()
+    found = np.zeros(len(ids), bool)
+    for b in scan_batches(store.files, ["image_id"], None, IMAGE_STORE_SCHEMA):
+        found |= pc.is_in(ids, value_set=b.column(0)).to_numpy(zero_copy_only=False)
+    unknown = pc.filter(ids, pa.array(~found))
+    return len(unknown), sorted(unknown.to_pylist())[:EXAMPLES]
+
+
+def _unknown_split_ids_on_ray(path: Path, store: Any) -> tuple[int, list[str]]:
+    """The same check as :func:`_unknown_split_ids_on_driver` with a Ray Data anti-join."""
+    import ray.data
+
+    split = ray.data.read_parquet(str(path)).select_columns(["image_id"])
+    unknown = split.join(store.dataset(columns=["image_id"]), join_type="left_anti",
+                         num_partitions=_num_partitions(store), on=("image_id",)).materialize()
+    n = unknown.count()
+    return n, sorted(r["image_id"] for r in unknown.take(EXAMPLES)) if n else []
+
+
+def _num_partitions(store: Any) -> int:
+    """Hash partitions of a Ray Data join: one per ~16 store files, 1..10,000."""
+    return max(1, min(10_000, len(store.files) // 16))
+
+
+def label_shards(label_store: str | Path) -> list[Path]:
+    """The label store's shard files (``LABELS/shards/**/*.parquet``), sorted.
+
+    Raises:
+        FileNotFoundError: no shards.
+    """
+    shards = sorted(Path(label_store, "shards").rglob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"label store {label_store} has no shards/*.parquet (run `raysemiseg pseudolabel`)")
+    return shards
+
+
+def check_recipe(label_store: str | Path, shards: list[Path], recipe: str | None) -> str | None:
+    """The recipe to read from a label store (a streaming scan of its ``recipe`` column).
+
+    Returns:
+        ``recipe``, or None when the store holds a single recipe and none was asked for.
+
+    Raises:
+        ValueError: several recipes and none chosen (the recipes are listed), or an unknown recipe.
+    """
+    recipes: set[str] = set()
+    for b in scan_batches(shards, ["recipe"]):
+        recipes.update(pc.unique(b.column(0)).to_pylist())
+    if recipe is None:
+        if len(recipes) > 1:
+            raise ValueError(f"label store {label_store} holds recipes {sorted(recipes)}; set data.label_recipe")
+        return None
+    if recipe not in recipes:
+        raise ValueError(f"label store {label_store} has no recipe {recipe!r}; valid: {sorted(recipes)}")
+    return recipe
+
+
+def _recipe_filter(recipe: str | None) -> Any:
+    return None if recipe is None else pads.field("recipe") == recipe
+
+
+def pseudo_label_roles(params: Any) -> tuple[str, ...]:
+    """The row roles a method trains on label-store pseudo labels (``params.pseudo_label_roles()``,
+    e.g. ``("weak",)`` for ``dual_branch``), () for methods without the hook."""
+    hook = getattr(params, "pseudo_label_roles", None)
+    return tuple(hook()) if callable(hook) else ()
+
+
+def check_pseudo_coverage(method: str, coverage: dict[str, tuple[int, int, list[str]]],
+                          label_store: str | Path | None) -> None:
+    """Refuse a run whose method trains some rows on label-store pseudo labels that it lacks.
+
+    A method declares the row roles it trains on ``batch.pseudo`` through
+    ``params.pseudo_label_roles()`` (``dual_branch``, ``single_branch_mixed``; see
+    :func:`pseudo_label_roles`); without a stored label such rows are all ``ignore_index`` and
+    their loss would silently be 0. Methods without the hook (e.g. ``wssl``, whose weak rows
+    without a stored label take the online E-step) pass.
+
+    Args:
+        method: the method name (for the message).
+        coverage: ``{role: (training rows of the role, rows without a pseudo label, a few of
+            their image ids)}`` for each role the method trains on pseudo labels (after
+            ``data.max_train_rows``).
+        label_store: ``data.label_store``.
+
+    Raises:
+        ValueError: rows of a needed role exist but ``data.label_store`` is unset, or the store
+            covers none of them. A store that misses only some of them gives a warning naming their
+            count and a few ids (those rows add nothing to the loss).
+    """
+    for role, (rows, missing, examples) in coverage.items():
+        if not rows:
+            continue
+        if not label_store:
+            raise ValueError(
+                f"method {method!r} trains its {role} rows on label-store pseudo labels, but data.label_store is "
+                f"not set ({rows} {role} training rows would train on nothing); build one with "
+                "`raysemiseg pseudolabel` and set data.label_store")
+        if missing == rows:
+            raise ValueError(
+                f"data.label_store {label_store} has no pseudo label for any of the {rows} {role} training "
+                f"rows of method {method!r}, e.g. {examples}: wrong label store, or recipe run on other splits?")
+        if missing:
+            warnings.warn(
+                f"data.label_store {label_store} has no pseudo label for {missing} of the {rows} {role} "
+                f"training rows of method {method!r}, e.g. {examples} (quarantined, or outside the recipe's "
+                "splits or max_rows): those rows train on nothing; relabel them or give them role 'none' in the "
+                "split file", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching roles and pseudo labels (Ray Data stages)
+# ----------------------------------------------------------------------------------------------
+
+
+def attach_side(batch: pa.Table, side: pa.Table | None, role: str | None, roles_from_side: bool) -> pa.Table:
+    """Ray Data stage: add ``role`` and ``pseudo`` columns to store rows (the broadcast join).
+
+    Args:
+        batch: store rows (with ``supervision`` unless ``roles_from_side``).
+        side: the broadcast side table, columns image_id (unique) and ``role`` (with a split
+            file) and/or ``pseudo`` (label-store PNG bytes); None = no side table.
+        role: keep only rows of this role (a pool), None = every role.
+        roles_from_side: roles come from ``side.role`` (a split file): rows absent from ``side``
+            are dropped (not in the split file's training rows); else from ``supervision``
+            (pixel rows strong, the rest weak) and rows absent from ``side`` get a null ``pseudo``.
+
+    Returns:
+        ``batch`` (minus ``supervision``) with string ``role`` and binary ``pseudo`` columns.
+    """
+    idx = None if side is None else pc.index_in(batch["image_id"], value_set=side["image_id"].combine_chunks())
+    if roles_from_side:
+        keep = pc.is_valid(idx)
+        batch, idx = batch.filter(keep), pc.filter(idx, keep)
+        roles = pc.take(side["role"], idx)
+    else:
+        roles = pc.if_else(pc.equal(batch["supervision"], "pixel"), "strong", "weak")
+    if role is not None:
+        keep = pc.equal(roles, role)
+        batch, roles = batch.filter(keep), pc.filter(roles, keep)
+        idx = None if idx is None else pc.filter(idx, keep)
+    if "supervision" in batch.column_names:
+        batch = batch.drop_columns(["supervision"])
+    if side is not None and "pseudo" in side.column_names:
+        pseudo = pc.take(side["pseudo"], idx)
+    else:
+        pseudo = pa.nulls(batch.num_rows, pa.binary())
+    return batch.append_column("role", roles.cast(pa.string())).append_column("pseudo", pseudo.cast(pa.binary()))
+
+
+def _finish_joined(batch: pa.Table, role: str | None, roles_from_split: bool, has_pseudo: bool) -> pa.Table:
+    """Ray Data stage after the Ray hash joins: the ``role`` column (from the split file, or from
+    ``supervision``), a null ``pseudo`` column when no label store was joined, ``supervision`` dropped."""
+    if not roles_from_split:
+        roles = pc.if_else(pc.equal(batch["supervision"], "pixel"), "strong", "weak")
+        if role is not None:
+            keep = pc.equal(roles, role)
+            batch, roles = batch.filter(keep), pc.filter(roles, keep)
+        batch = batch.append_column("role", roles)
+    if "supervision" in batch.column_names:
+        batch = batch.drop_columns(["supervision"])
+    if not has_pseudo:
+        batch = batch.append_column("pseudo", pa.nulls(batch.num_rows, pa.binary()))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------
+
+
+def _pixel_only(method_name: str) -> bool:
+    """Whether the method's ``uses`` is pixel labels alone (its weak rows would carry no loss)."""
+    from raysemiseg.methods.base import get_method
+
+    return tuple(get_method(method_name).uses) == ("pixel",)
+
+
+def side_table_bytes(split_path: Path | None, shards: list[Path]) -> int:
+    """On-disk bytes of the side table (split file + label-store shards): the join's size test."""
+    return (split_path.stat().st_size if split_path is not None else 0) + sum(p.stat().st_size for p in shards)
+
+
+def _pools(cfg: Any, counts: dict[str, int]) -> dict[str, tuple[str | None, int]]:
+    """``{pool name: (role or None, rows)}`` from the per-role training counts.
+
+    Raises:
+        ValueError: a pool that ``data.strong_fraction`` (or a pixel-only method) needs is empty.
+    """
+    d = cfg.data
+    if d.strong_fraction is None and _pixel_only(cfg.method.name):
+        # a method that trains from pixel labels alone (strong_only) gets batches of strong rows only:
+        # weak rows in its batches would carry no loss and dilute every step (25 % strong split:
+        # 2 of 8 crops per batch would train)
+        if not counts.get("strong"):
+            raise ValueError(f"method {cfg.method.name!r} trains from pixel labels only, but split "
+                             f"{d.train_split!r} of {d.store} has no strong rows")
+        return {"train": ("strong", counts["strong"])}
+    if d.strong_fraction is None:
+        return {"train": (None, sum(counts.values()))}
+    pools: dict[str, tuple[str | None, int]] = {
+        "train_strong": ("strong", counts.get("strong", 0)), "train_weak": ("weak", counts.get("weak", 0))}
+    k_s = strong_rows_per_batch(d.batch_size, d.strong_fraction)
+    for name, k in (("train_strong", k_s), ("train_weak", d.batch_size - k_s)):
+        if k > 0 and not pools[name][1]:
+            raise ValueError(
+                f"data.strong_fraction={d.strong_fraction} needs {k} {name[6:]} rows per batch, but split "
+                f"{d.train_split!r} has no {name[6:]} rows")
+        if k == 0:
+            del pools[name]
+    return pools
+
+
+def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
+    """Ray datasets for a run: planning scans on the driver, streamed reads and joins on Ray.
+
+    See the module docstring for what runs where. The training pools' rows are decoded and
+    augmented by :func:`~raysemiseg.train.data.augment_batch` in Ray Data tasks.
+
+    Args:
+        cfg: :class:`raysemiseg.config.TrainConfig`.
+        uses_boxes: render Bbox-Rect box masks (``Batch.box_masks``) and per-class box bits
+            (``Batch.box_bits``) for the method.
+
+    Raises:
+        ValueError: a pool needed by ``data.strong_fraction`` is empty, no training or no
+            validation rows, the store's label space differs from ``cfg.label_space``, the split
+            file is malformed or names ids that are not in the store (their count and a few are
+            listed), or the method trains rows on pseudo labels that ``data.label_store`` lacks
+            (:func:`check_pseudo_coverage`).
+        FileNotFoundError: no split file / label store shards where configured.
+    """
+    from ray.data.expressions import col
+
+    from raysemiseg.data.store import open_store
+    from raysemiseg.labels import load_label_space
+    from raysemiseg.train.data import quiet_ray_data
+
+    d = cfg.data
+    seed = int(cfg.run.seed)
+    store = open_store(d.store)
+    space = store.label_space
+    want = load_label_space(cfg.label_space)
+    if tuple(want.names) != tuple(space.names):
+        raise ValueError(
+            f"label_space {cfg.label_space!r} ({want.num_classes} classes) differs from the store's "
+            f"{space.name!r} ({space.num_classes} classes); set label_space to match the store")
+    needed = pseudo_label_roles(cfg.method.build_params())
+    split_path = Path(d.split_file) if d.split_file is not None else None
+    if split_path is not None:
+        check_split_file(split_path)
+    shards = label_shards(d.label_store) if d.label_store else []
+    recipe = check_recipe(d.label_store, shards, d.label_recipe) if d.label_store else None
+    if split_path is None and not shards:
+        join = "none"
+    elif side_table_bytes(split_path, shards) <= d.broadcast_join_mb * 2**20:
+        join = "broadcast"
+    else:
+        join = "ray"
+
+    if split_path is not None:
+        n_unknown, some = (_unknown_split_ids_on_driver if join == "broadcast" else _unknown_split_ids_on_ray)(
+            split_path, store)
+        if n_unknown:
+            raise ValueError(f"split file {split_path}: {n_unknown} image ids are not in the store, e.g. {some}")
+
+    # the label store's ids (broadcast: on the driver, for coverage; its PNGs join the side table)
+    labels = None
+    if join == "broadcast" and shards:
+        labels = pa.concat_tables(
+            [pq.read_table(s, columns=["image_id", "recipe", "mask"], filters=_recipe_filter(recipe))
+             for s in shards]).select(["image_id", "mask"]).rename_columns(["image_id", "pseudo"]).combine_chunks()
+
+    # one planning scan over the training rows: per-role counts, the cap, and (broadcast) coverage
+    counts, cap = _Counts(), SmallestK(d.max_train_rows, seed)
+    label_ids = labels["image_id"].combine_chunks() if labels is not None else None
+    for ids, roles in _train_meta(d, store, split_path):
+        if d.max_train_rows is None:
+            counts.add(ids, roles, label_ids, needed)
+        cap.update(ids.to_pylist(), roles.to_pylist())
+    cap_table = cap.table() if d.max_train_rows is not None else None
+    if cap_table is not None:
+        if join == "ray" and shards and needed:   # the capped rows' coverage: scan the label ids
+            label_ids = _label_ids_among(shards, recipe, cap_table["image_id"].combine_chunks())
+        counts.add(cap_table["image_id"].combine_chunks(), cap_table["role"].combine_chunks(), label_ids, needed)
+    if not sum(counts.roles.values()):
+        raise ValueError(f"no training rows: split {d.train_split!r} is empty in {d.store}")
+    coverage: dict[str, tuple[int, int, list[str]]] = {}
+    for role in needed:
+        n = counts.roles.get(role, 0)
+        if not shards:
+            coverage[role] = (n, n, [])
+        elif label_ids is None:                     # Ray join, no cap: an anti-join on the cluster
+            coverage[role] = (n, *_lacking_on_ray(d, store, split_path, shards, recipe, role))
+        else:
+            coverage[role] = (n, counts.lacking.get(role, 0), counts.examples.get(role, []))
+    check_pseudo_coverage(cfg.method.name, coverage, d.label_store)
+    pools = _pools(cfg, counts.roles)
+
+    quiet_ray_data()  # the training datasets run in the worker group: no bars there
+    columns = ["image_id", "image", "mask", "labels"] + (["boxes"] if uses_boxes else [])
+    cap_where = col("image_id").is_in(cap_table["image_id"].to_pylist()) if cap_table is not None else None
+    aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
+                               ignore_index=space.ignore_index, num_classes=space.num_classes,
+                               uses_boxes=uses_boxes, seed=seed)
+    side = _broadcast_side(d, split_path, labels, cap_table) if join == "broadcast" else None
+    datasets: dict[str, Any] = {}
+    for i, (name, (role, _)) in enumerate(pools.items()):
+        pool_seed = seed * 1009 + i
+        if join == "ray":
+            ds = _ray_joined(d, store, split_path, shards, recipe, role, columns, cap_where, pool_seed)
+        else:
+            ds = _broadcast_joined(d, store, split_path, side, role, columns, cap_where, pool_seed)
+        if d.cache_rows:
+            ds = _cached(ds, pool_seed)
+        datasets[name] = ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
+    val, val_rows = _val_dataset(d, store, split_path, join, seed)
+    if not val_rows:
+        raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
+    datasets["val"] = val.materialize() if d.cache_rows else val
+    return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val_rows=val_rows,
+                    label_space=space, split_names=[n for n in datasets if n != "val"], join=join)
+
+
+def _label_ids_among(shards: list[Path], recipe: str | None, ids: pa.Array) -> pa.Array:
+    """The label store's ids (of ``recipe``) that are among ``ids`` (a streaming scan; O(len(ids)))."""
+    found = []
+    for b in scan_batches(shards, ["image_id"], _recipe_filter(recipe)):
+        found.append(pc.filter(b.column(0), pc.is_in(b.column(0), value_set=ids)))
+    return pa.concat_arrays(found) if found else pa.array([], pa.string())
+
+
+def _lacking_on_ray(d: Any, store: Any, split_path: Path | None, shards: list[Path], recipe: str | None,
+                    role: str) -> tuple[int, list[str]]:
+    """(count, a few ids) of the training rows of ``role`` without a pseudo label: a Ray anti-join."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    if split_path is not None:
+        meta = ray.data.read_parquet(str(split_path)).filter(
+            expr=(col("split") == lit(d.train_split)) & (col("role") == lit(role))).select_columns(["image_id"])
+    else:
+        pixel = col("supervision") == lit("pixel")
+        meta = store.dataset(columns=["image_id"], filter_split=d.train_split,
+                             where=pixel if role == "strong" else ~pixel)
+    lacking = meta.join(_ray_labels(shards, recipe).select_columns(["image_id"]), join_type="left_anti",
+                        num_partitions=_num_partitions(store), on=("image_id",)).materialize()
+    n = lacking.count()
+    return n, sorted(r["image_id"] for r in lacking.take(EXAMPLES)) if n else []
+
+
+def _ray_labels(shards: list[Path], recipe: str | None) -> Any:
+    """The label store's rows of ``recipe`` as a Ray dataset (image_id, pseudo)."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    ds = ray.data.read_parquet([str(s) for s in shards])
+    if recipe is not None:
+        ds = ds.filter(expr=col("recipe") == lit(recipe))
+    return ds.select_columns(["image_id", "mask"]).rename_columns({"mask": "pseudo"})
+
+
+def _broadcast_side(d: Any, split_path: Path | None, labels: pa.Table | None,
+                    cap_table: pa.Table | None) -> pa.Table | None:
+    """The broadcast side table: (image_id, role) of the split file's training rows (capped) and/or
+    (image_id, pseudo) of the label store; joined on the driver (both are broadcast-size)."""
+    if split_path is None:
+        return labels
+    roles = pq.read_table(split_path, columns=["image_id", "split", "role"], filters=_split_train_filter(d))
+    roles = roles.select(["image_id", "role"])
+    if cap_table is not None:
+        roles = roles.filter(pc.is_in(roles["image_id"], value_set=cap_table["image_id"].combine_chunks()))
+    roles = roles.combine_chunks()
+    if labels is None:
+        return roles
+    idx = pc.index_in(roles["image_id"], value_set=labels["image_id"].combine_chunks())
+    return roles.append_column("pseudo", pc.take(labels["pseudo"], idx))
+
+
+def _broadcast_joined(d: Any, store: Any, split_path: Path | None, side: pa.Table | None, role: str | None,
+                      columns: list[str], cap_where: Any, seed: int) -> Any:
+    """A pool's store rows with ``role``/``pseudo`` attached by :func:`attach_side` (broadcast)."""
+    from ray.data.expressions import col, lit
+
+    from_split = split_path is not None
+    where = cap_where
+    if not from_split and role is not None:
+        pixel = col("supervision") == lit("pixel")
+        pred = pixel if role == "strong" else ~pixel
+        where = pred if where is None else where & pred
+    if from_split:
+        side = side.filter(pc.equal(side["role"], role)) if role is not None else side
+        if cap_where is None:   # push the split file's training ids into the scan
+            ids = col("image_id").is_in(side["image_id"].to_pylist())
+            where = ids
+    cols = columns + ([] if from_split else ["supervision"])
+    ds = store.dataset(columns=cols, filter_split=None if from_split else d.train_split, shuffle_seed=seed,
+                       where=where)
+    return ds.map_batches(attach_side, fn_kwargs={"side": side, "role": role, "roles_from_side": from_split},
+                          batch_format="pyarrow", batch_size=256)
+
+
+def _ray_joined(d: Any, store: Any, split_path: Path | None, shards: list[Path], recipe: str | None,
+                role: str | None, columns: list[str], cap_where: Any, seed: int) -> Any:
+    """A pool's store rows with ``role``/``pseudo`` attached by Ray Data hash joins on image_id."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    on = ("image_id",)
+    parts = _num_partitions(store)
+    where = cap_where
+    if split_path is not None:
+        ds = store.dataset(columns=columns, shuffle_seed=seed, where=where)
+        pred = (col("split") == lit(d.train_split)) & (col("role") != lit("none"))
+        if role is not None:
+            pred = pred & (col("role") == lit(role))
+        roles = ray.data.read_parquet(str(split_path)).filter(expr=pred).select_columns(["image_id", "role"])
+        ds = ds.join(roles, join_type="inner", num_partitions=parts, on=on)
+    else:
+        if role is not None:
+            pixel = col("supervision") == lit("pixel")
+            pred = pixel if role == "strong" else ~pixel
+            where = pred if where is None else where & pred
+        ds = store.dataset(columns=columns + ["supervision"], filter_split=d.train_split, shuffle_seed=seed,
+                           where=where)
+    if shards:
+        ds = ds.join(_ray_labels(shards, recipe), join_type="left_outer", num_partitions=parts, on=on)
+    return ds.map_batches(_finish_joined, fn_kwargs={"role": role, "roles_from_split": split_path is not None,
+                                                     "has_pseudo": bool(shards)}, batch_format="pyarrow")
+
+
+def _val_dataset(d: Any, store: Any, split_path: Path | None, join: str, seed: int) -> tuple[Any, int]:
+    """The validation rows (image_id, image, mask, labels) as a Ray dataset, and their count."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
+
+    columns = ["image_id", "image", "mask", "labels"]
+    cap = SmallestK(d.max_val_rows, seed)
+    n = 0
+    if split_path is not None:
+        batches = scan_batches([split_path], ["image_id"], pads.field("split") == d.val_split)
+    else:
+        batches = scan_batches(store.files, ["image_id"], pads.field("split") == d.val_split, IMAGE_STORE_SCHEMA)
+    small = []
+    for b in batches:
+        ids = b.column(0).to_pylist()
+        n += len(ids)
+        cap.update(ids, [""] * len(ids))
+        if split_path is not None and join == "broadcast" and d.max_val_rows is None:
+            small.extend(ids)
+    if d.max_val_rows is not None:
+        ids = cap.table()["image_id"].to_pylist()
+        return store.dataset(columns=columns, where=col("image_id").is_in(ids)), len(ids)
+    if split_path is None:
+        return store.dataset(columns=columns, filter_split=d.val_split), n
+    if join == "broadcast":
+        return store.dataset(columns=columns, where=col("image_id").is_in(small)), n
+    val_ids = ray.data.read_parquet(str(split_path)).filter(expr=col("split") == lit(d.val_split))
+    return store.dataset(columns=columns).join(val_ids.select_columns(["image_id"]), join_type="inner",
+                                               num_partitions=_num_partitions(store), on=("image_id",)), n
+
+
+def _cached(ds: Any, seed: int) -> Any:
+    """``ds`` materialized in the Ray object store (encoded rows, on the cluster), block order
+    reshuffled at every pass (seeded: pass ``e`` of a run gets its own reproducible order)."""
+    from ray.data import RandomSeedConfig
+
+    return ds.materialize().randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def describe_plan(plan: DataPlan) -> str:
+    """One line for logs: pools, rows, label space, join."""
+    return json.dumps({"pools": plan.pool_rows, "val_rows": plan.val_rows, "label_space": plan.label_space.name,
+                       "join": plan.join})
