@@ -31,9 +31,10 @@ class DataConfig(StrictModel):
     label_recipe: str | None = Field(None, description="recipe to use when the label store holds several")
     shuffle_buffer: int = Field(64, ge=0, description="worker-side local shuffle buffer, rows (0 = store order)")
     cache_rows: bool = Field(
-        False, description="materialize the selected rows' encoded bytes once in the Ray object store (on the "
-                           "cluster; block order reshuffled every pass): for stores that fit in it; False = "
-                           "stream them from Parquet every pass, file order reshuffled (stores larger than memory)")
+        True, description="materialize the selected rows' encoded bytes once in the Ray object store (on the "
+                          "cluster, never the driver; block order reshuffled every pass): for stores that fit in "
+                          "it (it spills to disk beyond); False = stream them from Parquet every pass, file order "
+                          "reshuffled (stores larger than the object store, e.g. ImageNet-21k)")
     broadcast_join_mb: float = Field(
         64.0, ge=0.0, description="split file + label store up to this size on disk (MB) are broadcast to the "
                                   "read tasks; larger ones are joined with Ray Data's hash join (0 = always)")

@@ -54,6 +54,7 @@ def sorted_store(ray_session, tmp_path_factory) -> Path:
 
 def _cfg(store: Path, **data):
     return load_config({"data": {"store": str(store), "batch_size": BATCH, "shuffle_buffer": 8, "crop_size": 32,
+                                 "cache_rows": False,
                                  "scale_range": [1.0, 1.0], **data},
                         "method": {"name": "cam_classifier"}, "model": {"backbone": "tiny", "pretrained": False}})
 
@@ -86,8 +87,6 @@ def test_training_batches_mix_classes_of_a_class_sorted_store(sorted_store: Path
     assert np.mean(per_batch) >= MIN_MEAN_CLASSES, per_batch
     # every row of the pass was seen once: a shuffle, not a sample
     assert sampler.pools["train"].passes == 0
-    again = _batch_classes(sampler, steps=16 * PER_CLASS // BATCH)          # the second pass, reshuffled
-    assert np.mean(again) >= MIN_MEAN_CLASSES and sampler.pools["train"].passes >= 1
     val = plan.datasets["val"].take_all()
     assert sorted(r["image_id"] for r in val) == ["imagenet_val/aeroplane/00", "imagenet_val/aeroplane/01"]
 
@@ -159,9 +158,10 @@ def test_split_roles_and_pseudo_labels_attach_to_their_own_rows(sorted_store: Pa
                              "mask": pa.array(masks, pa.binary())}),
                    tmp_path / "labels" / "shards" / "part-00000.parquet")
     plan = build_datasets(_cfg(sorted_store, label_store=str(tmp_path / "labels"), broadcast_join_mb=join_mb,
-                               split_file=str(tmp_path / "split.parquet"), shuffle_buffer=0))
+                               split_file=str(tmp_path / "split.parquet"), shuffle_buffer=0, cache_rows=False,
+                               max_val_rows=1))
     assert plan.join == ("broadcast" if join_mb else "ray")
-    assert plan.pool_rows == {"train": 15 * PER_CLASS} and plan.val_rows == 2
+    assert plan.pool_rows == {"train": 15 * PER_CLASS} and plan.val_rows == 1
     seen = {}
     for b in plan.datasets["train"].iter_batches(batch_size=64):
         for i, p in zip(b["image_id"], b["pseudo"]):
