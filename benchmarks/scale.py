@@ -13,7 +13,8 @@ For each size, in one subprocess per measurement (so each peak is its own proces
 (a) ``raysemiseg data build``;
 (b) the start of a CAM-classifier training run: ``raysemiseg train`` of
     ``configs/pseudolabel/cam_classifier_train.yaml`` on the store (a split file holds every 10th
-    image out as ``val``), 1 epoch of ``--steps`` steps, ``--val-rows`` validation rows, tracking off:
+    image out as ``val``), 1 epoch of ``--steps`` steps, ``--val-rows`` validation rows, tracking off,
+    ``data.cache_rows: false`` (streamed, the setting for stores larger than the object store):
     the driver side (data plan, trainer set-up, the report loop) of a run whose work is fixed;
 (c) a CAM pseudo-label run: ``raysemiseg pseudolabel configs/pseudolabel/cam.yaml`` over every
     image, with the checkpoint of (b);
@@ -139,7 +140,10 @@ def write_train_config(path: Path, *, space: Path, store: Path, split_file: Path
     cfg = yaml.safe_load((ROOT / "configs" / "pseudolabel" / "cam_classifier_train.yaml").read_text())
     cfg["label_space"] = str(space)
     cfg["data"].update(store=str(store), split_file=str(split_file), train_split="train", val_split="val",
-                       crop_size=224, batch_size=4, max_val_rows=val_rows)
+                       crop_size=224, batch_size=4, max_val_rows=val_rows,
+                       # the ImageNet-scale setting: rows streamed from Parquet every pass (cache_rows puts
+                       # the selected rows into the object store at start-up: O(N) by design)
+                       cache_rows=False)
     cfg["model"].update(backbone=backbone, pretrained=backbone != "tiny")
     cfg["optim"].update(epochs=1, steps_per_epoch=steps)
     cfg["run"].update(name=name, storage_path=str(storage))

@@ -35,6 +35,10 @@ class DataConfig(StrictModel):
                           "cluster, never the driver; block order reshuffled every pass): for stores that fit in "
                           "it (it spills to disk beyond); False = stream them from Parquet every pass, file order "
                           "reshuffled (stores larger than the object store, e.g. ImageNet-21k)")
+    local_read_mb: float = Field(
+        256.0, ge=0.0, description="with cache_rows, a selection of rows up to this size (MB of encoded rows, "
+                                   "estimated from the Parquet footers) is read by the driver in one pyarrow scan and "
+                                   "put into the object store; larger ones are read by Ray Data tasks (0 = always)")
     broadcast_join_mb: float = Field(
         64.0, ge=0.0, description="split file + label store up to this size on disk (MB) are broadcast to the "
                                   "read tasks; larger ones are joined with Ray Data's hash join (0 = always)")

@@ -8,13 +8,16 @@ What the driver does, and what it costs at the design card's scale (10M rows, 21
   (``image_id``, ``split``, ``supervision``, ``role``, ``recipe``) in record batches of
   :data:`SCAN_ROWS`: O(batch) memory on the driver, O(rows) time (about a second per million
   ids), no Ray round trips. Only counts, a few example ids and at most the capped ids stay.
-* **Reads**: the training pools and the validation rows are ``ray.data.read_parquet`` of the
-  store files with the split (and, without a split file, the ``supervision``) predicate, the
-  column list and the cap's ids pushed into the scan (:meth:`ImageStore.dataset`); the file order
-  is reshuffled at every pass (seeded by ``run.seed``), or, with ``data.cache_rows``, the rows are
-  materialized once in the Ray object store (on the cluster, not the driver) and their block order
-  reshuffled every pass. With the worker's local shuffle buffer this mixes a class-sorted
-  (ImageNet-folder) store.
+* **Reads**: the training pools and the validation rows are a :class:`Rows` selection (split,
+  ``supervision``, the cap's or the split file's ids) pushed into the Parquet scan with the column
+  list (:func:`_read_rows`). Streamed (``data.cache_rows: false``): ``ray.data.read_parquet`` every
+  pass, the file order reshuffled (seeded by ``run.seed``). Cached (the default): the rows are put
+  once in the Ray object store (on the cluster) and their block order reshuffled every pass; a
+  selection of at most ``data.local_read_mb`` MB is read by the driver in one pyarrow scan and its
+  rows permuted once (a Ray
+  Data read execution costs seconds of task start-up per run; the driver holds at most that many
+  MB, whatever the store's size), a larger one by Ray Data read tasks. With the worker's local
+  shuffle buffer this mixes a class-sorted (ImageNet-folder) store.
 * **Roles and pseudo labels** (the split file and the label store, the "side table") are attached
   by a join on ``image_id``, chosen like Spark's ``autoBroadcastJoinThreshold``: a side table of
   at most ``data.broadcast_join_mb`` MB on disk is read once on the driver and broadcast to the read
@@ -228,8 +231,9 @@ def _unknown_split_ids_on_ray(path: Path, store: Any) -> tuple[int, list[str]]:
 
 
 def _num_partitions(store: Any) -> int:
-    """Hash partitions of a Ray Data join: one per ~16 store files, 1..10,000."""
-    return max(1, min(10_000, len(store.files) // 16))
+    """Hash partitions of a Ray Data join: one per 4,096 store rows (~0.4 GB of encoded images), 1..10,000
+    (each partition is an aggregator's share; on a small store more of them only add start-up)."""
+    return max(1, min(10_000, len(store) // 4096))
 
 
 def label_shards(label_store: str | Path) -> list[Path]:
@@ -440,8 +444,6 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
             (:func:`check_pseudo_coverage`).
         FileNotFoundError: no split file / label store shards where configured.
     """
-    from ray.data.expressions import col
-
     from raysemiseg.data.store import open_store
     from raysemiseg.labels import load_label_space
     from raysemiseg.train.data import quiet_ray_data
@@ -509,25 +511,23 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
 
     quiet_ray_data()  # the training datasets run in the worker group: no bars there
     columns = ["image_id", "image", "mask", "labels"] + (["boxes"] if uses_boxes else [])
-    cap_where = col("image_id").is_in(cap_table["image_id"].to_pylist()) if cap_table is not None else None
+    cap_ids = tuple(cap_table["image_id"].to_pylist()) if cap_table is not None else None
     aug: dict[str, Any] = dict(crop=d.crop_size, scale_range=tuple(d.scale_range), flip=d.flip,
                                ignore_index=space.ignore_index, num_classes=space.num_classes,
                                uses_boxes=uses_boxes, seed=seed)
     side = _broadcast_side(d, split_path, labels, cap_table) if join == "broadcast" else None
     datasets: dict[str, Any] = {}
-    for i, (name, (role, _)) in enumerate(pools.items()):
+    for i, (name, (role, n_rows)) in enumerate(pools.items()):
         pool_seed = seed * 1009 + i
         if join == "ray":
-            ds = _ray_joined(d, store, split_path, shards, recipe, role, columns, cap_where, pool_seed)
+            ds = _ray_joined(d, store, split_path, shards, recipe, role, columns, cap_ids, pool_seed)
         else:
-            ds = _broadcast_joined(d, store, split_path, side, role, columns, cap_where, pool_seed)
-        if d.cache_rows:
-            ds = _cached(ds, pool_seed)
+            ds = _broadcast_joined(d, store, split_path, side, role, columns, cap_ids, n_rows, pool_seed)
         datasets[name] = ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
     val, val_rows = _val_dataset(d, store, split_path, join, seed)
     if not val_rows:
         raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
-    datasets["val"] = val.materialize() if d.cache_rows else val
+    datasets["val"] = val
     return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val_rows=val_rows,
                     label_space=space, split_names=[n for n in datasets if n != "val"], join=join)
 
@@ -587,38 +587,125 @@ def _broadcast_side(d: Any, split_path: Path | None, labels: pa.Table | None,
     return roles.append_column("pseudo", pc.take(labels["pseudo"], idx))
 
 
-def _broadcast_joined(d: Any, store: Any, split_path: Path | None, side: pa.Table | None, role: str | None,
-                      columns: list[str], cap_where: Any, seed: int) -> Any:
-    """A pool's store rows with ``role``/``pseudo`` attached by :func:`attach_side` (broadcast)."""
-    from ray.data.expressions import col, lit
+@dataclass(frozen=True)
+class Rows:
+    """A selection of store rows, pushed into either reader (Ray Data or the driver's pyarrow scan).
 
+    Attributes:
+        split: keep rows of this ``split`` value (None = any).
+        pixel: keep rows with ``supervision == "pixel"`` (True), without (False), or both (None).
+        ids: keep rows whose ``image_id`` is in this tuple (None = any).
+    """
+
+    split: str | None = None
+    pixel: bool | None = None
+    ids: tuple[str, ...] | None = None
+
+    def ray_expr(self) -> Any:
+        """The selection as a ``ray.data.expressions`` predicate, or None (``split`` is passed apart)."""
+        from ray.data.expressions import col, lit
+
+        pred = None
+        if self.pixel is not None:
+            pixel = col("supervision") == lit("pixel")
+            pred = pixel if self.pixel else ~pixel
+        if self.ids is not None:
+            ids = col("image_id").is_in(list(self.ids))
+            pred = ids if pred is None else pred & ids
+        return pred
+
+    def arrow_expr(self) -> Any:
+        """The whole selection as a ``pyarrow.dataset`` expression, or None."""
+        parts = []
+        if self.split is not None:
+            parts.append(pads.field("split") == self.split)
+        if self.pixel is not None:
+            pixel = pads.field("supervision") == "pixel"
+            parts.append(pixel if self.pixel else ~pixel)
+        if self.ids is not None:
+            parts.append(pads.field("image_id").isin(list(self.ids)))
+        out = None
+        for e in parts:
+            out = e if out is None else out & e
+        return out
+
+
+def row_bytes(store: Any, columns: list[str], sample_files: int = 4) -> float:
+    """Mean on-disk bytes of one row's ``columns`` (compressed), from the Parquet footers of the
+    store's first ``sample_files`` files: O(1) in the store size."""
+    total = rows = 0
+    for f in store.files[:sample_files]:
+        md = pq.ParquetFile(f).metadata
+        names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            rows += rg.num_rows
+            total += sum(rg.column(j).total_compressed_size for j in range(md.num_columns) if names[j] in columns)
+    return total / rows if rows else 0.0
+
+
+def _read_rows(d: Any, store: Any, columns: list[str], sel: Rows, n_rows: int, seed: int,
+               side: pa.Table | None = None, role: str | None = None, roles_from_side: bool = False,
+               attach: bool = True) -> Any:
+    """The selected store rows (with ``role``/``pseudo`` attached by :func:`attach_side` when
+    ``attach``) as a Ray dataset whose order changes at every pass.
+
+    * ``data.cache_rows`` and a selection of at most ``data.local_read_mb`` MB (``n_rows`` x
+      :func:`row_bytes`): the driver reads it in one pyarrow scan with the selection pushed down,
+      attaches the side table, permutes the rows (seeded) and puts them into the object store in
+      blocks of 32 rows (``ray.data.from_arrow``); a Ray Data read execution costs seconds of task start-up per run on
+      a small machine, this costs milliseconds. The driver holds at most ``local_read_mb``, whatever
+      the store's size.
+    * ``data.cache_rows`` and a larger selection: Ray Data read tasks, materialized once in the
+      object store (on the cluster).
+    * otherwise: streamed from Parquet by Ray Data at every pass (file order reshuffled).
+
+    Either way the block or file order is reshuffled at every pass (seeded: reproducible).
+    """
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
+
+    cols = columns + ([] if roles_from_side or not attach else ["supervision"])
+    order = RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    if d.cache_rows and n_rows * row_bytes(store, cols) <= d.local_read_mb * 2**20:
+        t = pads.dataset([str(f) for f in store.files], format="parquet", schema=IMAGE_STORE_SCHEMA).to_table(
+            columns=cols, filter=sel.arrow_expr())
+        if attach:
+            t = attach_side(t, side, role, roles_from_side)
+        t = t.take(np.random.default_rng(seed).permutation(t.num_rows))   # blocks of random rows, not store runs
+        blocks = [t.slice(i, 32) for i in range(0, max(t.num_rows, 1), 32)]
+        return ray.data.from_arrow(blocks).randomize_block_order(seed=order)
+    ds = store.dataset(columns=cols, filter_split=sel.split, shuffle_seed=seed, where=sel.ray_expr())
+    if attach:
+        ds = ds.map_batches(attach_side, fn_kwargs={"side": side, "role": role, "roles_from_side": roles_from_side},
+                            batch_format="pyarrow", batch_size=256)
+    return ds.materialize().randomize_block_order(seed=order) if d.cache_rows else ds
+
+
+def _broadcast_joined(d: Any, store: Any, split_path: Path | None, side: pa.Table | None, role: str | None,
+                      columns: list[str], cap_ids: tuple[str, ...] | None, n_rows: int, seed: int) -> Any:
+    """A pool's store rows with ``role``/``pseudo`` attached by :func:`attach_side` (broadcast)."""
     from_split = split_path is not None
-    where = cap_where
-    if not from_split and role is not None:
-        pixel = col("supervision") == lit("pixel")
-        pred = pixel if role == "strong" else ~pixel
-        where = pred if where is None else where & pred
     if from_split:
         side = side.filter(pc.equal(side["role"], role)) if role is not None else side
-        if cap_where is None:   # push the split file's training ids into the scan
-            ids = col("image_id").is_in(side["image_id"].to_pylist())
-            where = ids
-    cols = columns + ([] if from_split else ["supervision"])
-    ds = store.dataset(columns=cols, filter_split=None if from_split else d.train_split, shuffle_seed=seed,
-                       where=where)
-    return ds.map_batches(attach_side, fn_kwargs={"side": side, "role": role, "roles_from_side": from_split},
-                          batch_format="pyarrow", batch_size=256)
+        # the split file's (capped) training ids of this pool, pushed into the scan
+        sel = Rows(ids=tuple(side["image_id"].to_pylist()) if cap_ids is None else cap_ids)
+    else:
+        sel = Rows(split=d.train_split, pixel=None if role is None else role == "strong", ids=cap_ids)
+    return _read_rows(d, store, columns, sel, n_rows, seed, side=side, role=role, roles_from_side=from_split)
 
 
 def _ray_joined(d: Any, store: Any, split_path: Path | None, shards: list[Path], recipe: str | None,
-                role: str | None, columns: list[str], cap_where: Any, seed: int) -> Any:
+                role: str | None, columns: list[str], cap_ids: tuple[str, ...] | None, seed: int) -> Any:
     """A pool's store rows with ``role``/``pseudo`` attached by Ray Data hash joins on image_id."""
     import ray.data
     from ray.data.expressions import col, lit
 
     on = ("image_id",)
     parts = _num_partitions(store)
-    where = cap_where
+    where = None if cap_ids is None else col("image_id").is_in(list(cap_ids))
     if split_path is not None:
         ds = store.dataset(columns=columns, shuffle_seed=seed, where=where)
         pred = (col("split") == lit(d.train_split)) & (col("role") != lit("none"))
@@ -635,8 +722,9 @@ def _ray_joined(d: Any, store: Any, split_path: Path | None, shards: list[Path],
                            where=where)
     if shards:
         ds = ds.join(_ray_labels(shards, recipe), join_type="left_outer", num_partitions=parts, on=on)
-    return ds.map_batches(_finish_joined, fn_kwargs={"role": role, "roles_from_split": split_path is not None,
-                                                     "has_pseudo": bool(shards)}, batch_format="pyarrow")
+    ds = ds.map_batches(_finish_joined, fn_kwargs={"role": role, "roles_from_split": split_path is not None,
+                                                   "has_pseudo": bool(shards)}, batch_format="pyarrow")
+    return _cached(ds, seed) if d.cache_rows else ds
 
 
 def _val_dataset(d: Any, store: Any, split_path: Path | None, join: str, seed: int) -> tuple[Any, int]:
@@ -661,15 +749,16 @@ def _val_dataset(d: Any, store: Any, split_path: Path | None, join: str, seed: i
         if split_path is not None and join == "broadcast" and d.max_val_rows is None:
             small.extend(ids)
     if d.max_val_rows is not None:
-        ids = cap.table()["image_id"].to_pylist()
-        return store.dataset(columns=columns, where=col("image_id").is_in(ids)), len(ids)
+        ids = tuple(cap.table()["image_id"].to_pylist())
+        return _read_rows(d, store, columns, Rows(ids=ids), len(ids), seed, attach=False), len(ids)
     if split_path is None:
-        return store.dataset(columns=columns, filter_split=d.val_split), n
+        return _read_rows(d, store, columns, Rows(split=d.val_split), n, seed, attach=False), n
     if join == "broadcast":
-        return store.dataset(columns=columns, where=col("image_id").is_in(small)), n
+        return _read_rows(d, store, columns, Rows(ids=tuple(small)), n, seed, attach=False), n
     val_ids = ray.data.read_parquet(str(split_path)).filter(expr=col("split") == lit(d.val_split))
-    return store.dataset(columns=columns).join(val_ids.select_columns(["image_id"]), join_type="inner",
-                                               num_partitions=_num_partitions(store), on=("image_id",)), n
+    ds = store.dataset(columns=columns).join(val_ids.select_columns(["image_id"]), join_type="inner",
+                                             num_partitions=_num_partitions(store), on=("image_id",))
+    return (ds.materialize() if d.cache_rows else ds), n
 
 
 def _cached(ds: Any, seed: int) -> Any:

@@ -53,8 +53,9 @@ def sorted_store(ray_session, tmp_path_factory) -> Path:
 
 
 def _cfg(store: Path, **data):
+    """cache_rows (the default) reads these small selections on the driver: the cheap path for tests;
+    the streamed and Ray-joined paths are tested where they are named."""
     return load_config({"data": {"store": str(store), "batch_size": BATCH, "shuffle_buffer": 8, "crop_size": 32,
-                                 "cache_rows": False,
                                  "scale_range": [1.0, 1.0], **data},
                         "method": {"name": "cam_classifier"}, "model": {"backbone": "tiny", "pretrained": False}})
 
@@ -158,8 +159,8 @@ def test_split_roles_and_pseudo_labels_attach_to_their_own_rows(sorted_store: Pa
                              "mask": pa.array(masks, pa.binary())}),
                    tmp_path / "labels" / "shards" / "part-00000.parquet")
     plan = build_datasets(_cfg(sorted_store, label_store=str(tmp_path / "labels"), broadcast_join_mb=join_mb,
-                               split_file=str(tmp_path / "split.parquet"), shuffle_buffer=0, cache_rows=False,
-                               max_val_rows=1))
+                               split_file=str(tmp_path / "split.parquet"), shuffle_buffer=0,
+                               cache_rows=bool(join_mb), max_val_rows=1))
     assert plan.join == ("broadcast" if join_mb else "ray")
     assert plan.pool_rows == {"train": 15 * PER_CLASS} and plan.val_rows == 1
     seen = {}
