@@ -3,9 +3,10 @@
 Steps, each printed with its time (an experiment, :mod:`raysemiseg.experiment`):
 
 1. start a local Ray on 127.0.0.1 (no dashboard; ``$RAY_ADDRESS`` joins a cluster instead);
-2. build the Parquet image store from the bundled real COCO sample (mapped to VOC-21), unless
-   ``workdir/store`` already holds one, and an I3S split: 25% of the training images strong (pixel
-   masks), 75% weak (boxes + image labels);
+2. build the Parquet image store from the bundled real PASCAL VOC 2012 sample
+   (``raysemiseg/sample_data/voc2012-sample``: 326 train / 150 val images, genuine masks, boxes
+   derived from the masks), unless the configured store folder already holds one, and an I3S split:
+   25% of the training images strong (pixel masks), 75% weak (boxes + image labels);
 3. Bbox-Rect pseudo labels for the training images with the Ray Data pseudo-label engine (Parquet);
 4. train ``strong_only`` (DeepLab-LargeFOV head on ImageNet EfficientNet-Lite0) on the strong images
    and ``dual_branch`` (Luo & Yang 2020) on strong + weak images, same step budget, with the one Ray

@@ -48,5 +48,6 @@ def test_job_entry_point_fails_fast_without_starting_ray(tmp_path) -> None:
 
 
 def test_missing_store_is_named(tmp_path, capsys, ray_session) -> None:
-    assert main(["train", _write(tmp_path, GOOD)]) == 2
+    # run storage under tmp_path: the default (./runs) may hold a run of that name from elsewhere
+    assert main(["train", _write(tmp_path, {**GOOD, "run": {"storage_path": str(tmp_path / "runs")}})]) == 2
     assert "nowhere" in capsys.readouterr().err
