@@ -119,6 +119,11 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: supervision the method trains from: rows of other kinds are still fed but unused
     uses: ClassVar[tuple[str, ...]] = ("pixel",)
+    #: whether ``compute_losses`` reads the rendered boxes (``Batch.box_masks`` / ``box_bits``):
+    #: only then does the data plan render them. A method may train on box rows (``"box"`` in
+    #: ``uses``, e.g. their image-level labels) without reading the boxes; at 21,841 classes the
+    #: per-class box bits alone are ceil(K/8) = 2,731 bytes per pixel (137 MB per 224 px crop)
+    renders_boxes: ClassVar[bool] = False
     #: training stages accepted by ``set_stage`` (the registry test exercises each one)
     STAGES: ClassVar[tuple[str, ...]] = ("default",)
     #: per stage, glob patterns of trainable parameter names that legitimately get no gradient

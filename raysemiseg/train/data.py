@@ -33,6 +33,9 @@ from PIL import Image
 from raysemiseg.data.schema import decode_image, decode_mask
 from raysemiseg.methods.base import Batch
 
+#: per-class box bits (Bbox-EM-Fixed's nested-box regions) are rendered up to this many classes
+#: (32 bytes per pixel); beyond, only the Bbox-Rect box mask (one label per pixel): O(1) in K
+MAX_BOX_BITS_CLASSES = 256
 #: pad colour of crops (ImageNet mean, RGB uint8): zero after normalisation
 PAD_RGB = (124, 116, 104)
 
@@ -182,8 +185,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         dict of numpy arrays, N = rows: ``image`` (N, crop, crop, 3) uint8; ``mask``, ``pseudo``
         (and ``box_mask`` when ``uses_boxes``) (N, crop, crop) uint8 or int32 with
         ``ignore_index`` void/padding (``mask`` is all void for weak rows, ``box_mask`` for rows
-        without boxes); with ``uses_boxes`` also ``box_bits`` (N, ceil(K/8), crop, crop) uint8
-        per-class box regions (:func:`render_box_bits`, zero on padding); ``valid`` (N, crop,
+        without boxes); with ``uses_boxes`` and K <= :data:`MAX_BOX_BITS_CLASSES` also ``box_bits``
+        (N, ceil(K/8), crop, crop) uint8 per-class box regions (:func:`render_box_bits`, zero on
+        padding; beyond that K the E-step's regions come from ``box_mask`` alone); ``valid`` (N, crop,
         crop) bool, False on the crop's padding (the pixels that are not the image's: no E-step
         label, no loss); ``labels`` (N, K) uint8 multi-hot image-level labels (background column
         set when the space has one at id 0): for strong rows the classes of the CROPPED mask (a
@@ -202,7 +206,8 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
     out_mask = np.empty((n, crop, crop), ldt)
     out_pseudo = np.empty((n, crop, crop), ldt)
     out_box = np.empty((n, crop, crop), ldt) if uses_boxes else None
-    out_bits = np.zeros((n, (num_classes + 7) // 8, crop, crop), np.uint8) if uses_boxes else None
+    with_bits = uses_boxes and num_classes <= MAX_BOX_BITS_CLASSES
+    out_bits = np.zeros((n, (num_classes + 7) // 8, crop, crop), np.uint8) if with_bits else None
     out_valid = np.empty((n, crop, crop), bool)
     # the valid-pixel map travels as one more label map: ``inside`` on the image, ignore_index on padding
     inside = 0 if ignore_index != 0 else 1
@@ -222,9 +227,10 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         n_bits = 0
         if uses_boxes:
             maps.append(render_boxes(cols["boxes"][i], h, w, ignore_index))
-            planes = render_box_bits(cols["boxes"][i], h, w, num_classes)
-            maps.extend(planes)                                # one uint8 label map per byte
-            n_bits = len(planes)
+            if with_bits:
+                planes = render_box_bits(cols["boxes"][i], h, w, num_classes)
+                maps.extend(planes)                            # one uint8 label map per byte
+                n_bits = len(planes)
         maps.append(np.full((h, w), inside, np.int64))
         for m in maps:
             if m.shape != (h, w):
@@ -235,9 +241,9 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
         out_mask[i] = maps[0]
         out_pseudo[i] = maps[1]
         out_valid[i] = maps[-1] == inside
-        if out_box is not None and out_bits is not None:
+        if out_box is not None:
             out_box[i] = maps[2]
-            if n_bits:
+            if out_bits is not None and n_bits:
                 # padding was filled with ignore_index like every label map: no box there
                 out_bits[i] = np.stack(maps[3:3 + n_bits]).astype(np.uint8) * out_valid[i]
         if strong:
@@ -250,6 +256,7 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
            "is_strong": is_strong, "image_id": np.asarray(cols["image_id"], dtype=object)}
     if out_box is not None:
         out["box_mask"] = out_box
+    if out_bits is not None:
         out["box_bits"] = out_bits
     return out
 

@@ -152,7 +152,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
     from raysemiseg.train.plan import build_datasets, describe_plan
 
     method_cls = get_method(cfg.method.name)
-    plan = build_datasets(cfg, uses_boxes="box" in method_cls.uses)
+    plan = build_datasets(cfg, uses_boxes=method_cls.renders_boxes)
     log.info("data plan: %s", describe_plan(plan))
     steps = cfg.optim.steps_per_epoch or steps_per_epoch(
         plan.pool_rows, cfg.data.batch_size, cfg.data.strong_fraction, cfg.scaling.num_workers)

@@ -154,6 +154,29 @@ def test_augment_batch_box_bits_follow_the_crop_and_padding_has_none() -> None:
     assert b.box_bits is not None and b.box_bits.dtype == torch.uint8 and b.box_bits.shape == (2, 3, 8, 8)
 
 
+def test_box_rendering_stays_o1_per_pixel_at_imagenet21k() -> None:
+    """At K = 21,841 per-class box bits would be ceil(K/8) = 2,731 bytes per pixel (137 MB per 224 px
+    crop; the scale benchmark's CAM training ran out of memory on them): above MAX_BOX_BITS_CLASSES
+    only the Bbox-Rect box mask (one label per pixel) is rendered. And only a method that reads the
+    boxes (WSSL) has them rendered: cam_classifier trains on box rows' image labels only."""
+    from raysemiseg.methods.base import get_method
+    from raysemiseg.train.data import MAX_BOX_BITS_CLASSES
+
+    assert MAX_BOX_BITS_CLASSES == 256
+    img = np.full((4, 6, 3), 200, np.uint8)
+    rows = [{"image_id": "w", "image": encode_image(img, fmt="png"), "labels": [20_000],
+             "boxes": [{"class_id": 20_000, "x0": 0, "y0": 0, "x1": 3, "y1": 4}], "role": "weak"}]
+    out = augment_batch(_store_rows(rows), crop=8, scale_range=(1.0, 1.0), flip=False, ignore_index=65535,
+                        num_classes=21_841, uses_boxes=True, seed=0, rng=np.random.default_rng(0))
+    assert "box_bits" not in out
+    assert out["box_mask"].shape == (1, 8, 8) and set(np.unique(out["box_mask"]).tolist()) <= {0, 20_000, 65535}
+    assert (out["box_mask"][0][out["valid"][0]] == 20_000).sum() == 12      # the 3 x 4 box, at scale 1
+    b = collate(out, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0))
+    assert b.box_bits is None and b.box_masks is not None
+    assert get_method("wssl").renders_boxes and not get_method("cam_classifier").renders_boxes
+    assert not get_method("strong_only").renders_boxes
+
+
 def test_flip_is_applied_to_image_and_labels_alike() -> None:
     img = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
     mask = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])

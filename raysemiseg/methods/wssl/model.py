@@ -121,6 +121,7 @@ class WsslEM(StrongOnly):
     name: ClassVar[str] = "wssl"
     Params: ClassVar[type[MethodParams]] = WsslParams
     uses: ClassVar[tuple[str, ...]] = ("pixel", "box", "image")
+    renders_boxes: ClassVar[bool] = True   # Bbox-Rect / Bbox-EM-Fixed regions (Sec. 3.2-3.3)
 
     def __init__(self, label_space: LabelSpace, model: Any, params: WsslParams | None = None) -> None:
         super().__init__(label_space, model, params)  # backbone + LargeFOVHead (strong_only's network)
