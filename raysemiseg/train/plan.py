@@ -14,9 +14,8 @@ What the driver does, and what it costs at the design card's scale (10M rows, 21
   pass, the file order reshuffled (seeded by ``run.seed``). Cached (the default): the rows are put
   once in the Ray object store (on the cluster) and their block order reshuffled every pass; a
   selection of at most ``data.local_read_mb`` MB is read by the driver in one pyarrow scan and its
-  rows permuted once (a Ray
-  Data read execution costs seconds of task start-up per run; the driver holds at most that many
-  MB, whatever the store's size), a larger one by Ray Data read tasks. With the worker's local
+  rows permuted once (a Ray Data read execution costs seconds of task start-up per run; the driver
+  holds at most that many MB, whatever the store's size), a larger one by Ray Data read tasks. With the worker's local
   shuffle buffer this mixes a class-sorted (ImageNet-folder) store.
 * **Roles and pseudo labels** (the split file and the label store, the "side table") are attached
   by a join on ``image_id``, chosen like Spark's ``autoBroadcastJoinThreshold``: a side table of
@@ -668,20 +667,20 @@ def _read_rows(d: Any, store: Any, columns: list[str], sel: Rows, n_rows: int, s
     from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
 
     cols = columns + ([] if roles_from_side or not attach else ["supervision"])
-    order = RandomSeedConfig(seed=seed, reseed_after_execution=True)
     if d.cache_rows and n_rows * row_bytes(store, cols) <= d.local_read_mb * 2**20:
-        t = pads.dataset([str(f) for f in store.files], format="parquet", schema=IMAGE_STORE_SCHEMA).to_table(
-            columns=cols, filter=sel.arrow_expr())
+        t = pa.Table.from_batches(list(scan_batches(store.files, cols, sel.arrow_expr(), IMAGE_STORE_SCHEMA)),
+                                  schema=pa.schema([IMAGE_STORE_SCHEMA.field(c) for c in cols]))
         if attach:
             t = attach_side(t, side, role, roles_from_side)
         t = t.take(np.random.default_rng(seed).permutation(t.num_rows))   # blocks of random rows, not store runs
         blocks = [t.slice(i, 32) for i in range(0, max(t.num_rows, 1), 32)]
-        return ray.data.from_arrow(blocks).randomize_block_order(seed=order)
+        return ray.data.from_arrow(blocks).randomize_block_order(
+            seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     ds = store.dataset(columns=cols, filter_split=sel.split, shuffle_seed=seed, where=sel.ray_expr())
     if attach:
         ds = ds.map_batches(attach_side, fn_kwargs={"side": side, "role": role, "roles_from_side": roles_from_side},
                             batch_format="pyarrow", batch_size=256)
-    return ds.materialize().randomize_block_order(seed=order) if d.cache_rows else ds
+    return _cached(ds, seed) if d.cache_rows else ds
 
 
 def _broadcast_joined(d: Any, store: Any, split_path: Path | None, side: pa.Table | None, role: str | None,
