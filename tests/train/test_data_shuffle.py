@@ -88,6 +88,8 @@ def test_training_batches_mix_classes_of_a_class_sorted_store(sorted_store: Path
     assert np.mean(per_batch) >= MIN_MEAN_CLASSES, per_batch
     # every row of the pass was seen once: a shuffle, not a sample
     assert sampler.pools["train"].passes == 0
+    again = _batch_classes(sampler, steps=16 * PER_CLASS // BATCH)          # the second pass, reshuffled
+    assert np.mean(again) >= MIN_MEAN_CLASSES and sampler.pools["train"].passes >= 1
     val = plan.datasets["val"].take_all()
     assert sorted(r["image_id"] for r in val) == ["imagenet_val/aeroplane/00", "imagenet_val/aeroplane/01"]
 
