@@ -419,22 +419,28 @@ def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> I
     """Decoded validation rows ``i`` with ``i % world == rank`` (every row counted exactly once).
 
     Args:
-        rows: a Ray Data iterator/dataset (``iter_batches``) or a pyarrow Table of store rows.
+        rows: a :class:`~raysemiseg.train.plan.ValRows` selection (each worker reads its own
+            files when there are enough), a Ray Data iterator/dataset (``iter_batches``) or a
+            pyarrow Table of store rows.
 
     Yields:
         {"image_id": str, "image": (H, W, 3) uint8, "mask": (H, W) int64 or None,
         "labels": list[int] of image-level ids (background excluded) when ``rows`` has a ``labels``
         column, else None}.
     """
-    if isinstance(rows, pa.Table):
-        batches: Any = rows.to_batches(max_chunksize=fetch)
+    own = False
+    if hasattr(rows, "shard"):                       # ValRows: a pyarrow scan of this worker's files
+        batches, own = rows.shard(rank, world)
+        batches = (s for b in batches for s in pa.Table.from_batches([b]).to_batches(max_chunksize=fetch))
+    elif isinstance(rows, pa.Table):
+        batches = rows.to_batches(max_chunksize=fetch)
     else:
         batches = rows.iter_batches(batch_size=fetch, batch_format="pyarrow")
     i = 0
     for b in batches:
         cols = b.to_pydict()
         for j in range(len(cols["image_id"])):
-            if i % world == rank:
+            if own or i % world == rank:
                 mask = cols["mask"][j]
                 yield {"image_id": cols["image_id"][j], "image": decode_image(cols["image"][j]),
                        "mask": None if mask is None else decode_mask(mask),

@@ -471,8 +471,9 @@ def evaluate(method: nn.Module, rows: Any, num_classes: int, ignore_index: int, 
     :class:`~raysemiseg.eval.metrics.LabelCounts`), two all_reduces per call.
 
     Args:
-        rows: the worker's validation iterator (every worker sees all rows; worker ``r`` scores
-            rows ``i % world == r``, so each row counts once).
+        rows: the validation rows (:class:`~raysemiseg.train.plan.ValRows`: worker ``r`` reads
+            its own files, or every worker reads all and scores rows ``i % world == r``; each row
+            counts once), or any input of :func:`~raysemiseg.train.data.iter_val_rows`.
         given_labels: predict with each row's image-level labels (label-conditioned methods;
             the rows need a ``labels`` column).
 
@@ -636,7 +637,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n for n in ("train_strong", "train_weak") if n in config["pools"]]
     sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
                            cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = config["val"]        # ValRows: each worker scans its share of the store (plan.ValRows)
     num_nodes = count_nodes(device)
 
     for epoch in range(start_epoch, cfg.optim.epochs):

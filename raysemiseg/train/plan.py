@@ -8,7 +8,7 @@ What the driver does, and what it costs at the design card's scale (10M rows, 21
   (``image_id``, ``split``, ``supervision``, ``role``, ``recipe``) in record batches of
   :data:`SCAN_ROWS`: O(batch) memory on the driver, O(rows) time (about a second per million
   ids), no Ray round trips. Only counts, a few example ids and at most the capped ids stay.
-* **Reads**: the training pools and the validation rows are a :class:`Rows` selection (split,
+* **Reads**: the training pools are a :class:`Rows` selection (split,
   ``supervision``, the cap's or the split file's ids) pushed into the Parquet scan with the column
   list (:func:`_read_rows`). Streamed (``data.cache_rows: false``): ``ray.data.read_parquet`` every
   pass, the file order reshuffled (seeded by ``run.seed``). Cached (the default): the rows are put
@@ -17,6 +17,9 @@ What the driver does, and what it costs at the design card's scale (10M rows, 21
   rows permuted once (a Ray Data read execution costs seconds of task start-up per run; the driver
   holds at most that many MB, whatever the store's size), a larger one by Ray Data read tasks. With the worker's local
   shuffle buffer this mixes a class-sorted (ImageNet-folder) store.
+* **Validation** (:class:`ValRows`): the selection only (split, the cap's ids or the split
+  file's path); each Train worker scans its share of the store files with pyarrow, so no Ray
+  Data execution in the workers competes with the training stream for CPUs.
 * **Roles and pseudo labels** (the split file and the label store, the "side table") are attached
   by a join on ``image_id``, chosen like Spark's ``autoBroadcastJoinThreshold``: a side table of
   at most ``data.broadcast_join_mb`` MB on disk is read once on the driver and broadcast to the read
@@ -63,9 +66,9 @@ class DataPlan:
 
     Attributes:
         datasets: Ray datasets by name: ``"train"`` (one pool) or ``"train_strong"`` +
-            ``"train_weak"`` (fixed strong fraction), and ``"val"`` (raw rows, not split).
+            ``"train_weak"`` (fixed strong fraction).
         pool_rows: rows per training pool (before sharding), e.g. ``{"train": 80}``.
-        val_rows: number of validation rows.
+        val: the validation rows (:class:`ValRows`: read by the workers, sharded over them).
         label_space: the store's label space (masks are in it).
         split_names: names of the datasets that Ray Train shards across workers.
         join: how roles and pseudo labels were attached: ``"none"`` (store columns only),
@@ -74,10 +77,15 @@ class DataPlan:
 
     datasets: dict[str, Any]
     pool_rows: dict[str, int]
-    val_rows: int
+    val: ValRows
     label_space: LabelSpace
     split_names: list[str] = field(default_factory=list)
     join: str = "none"
+
+    @property
+    def val_rows(self) -> int:
+        """Number of validation rows."""
+        return self.val.n_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,12 +531,11 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
         else:
             ds = _broadcast_joined(d, store, split_path, side, role, columns, cap_ids, n_rows, pool_seed)
         datasets[name] = ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
-    val, val_rows = _val_dataset(d, store, split_path, join, seed)
-    if not val_rows:
+    val = _val_rows(d, store, split_path, seed)
+    if not val.n_rows:
         raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
-    datasets["val"] = val
-    return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val_rows=val_rows,
-                    label_space=space, split_names=[n for n in datasets if n != "val"], join=join)
+    return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val=val,
+                    label_space=space, split_names=list(datasets), join=join)
 
 
 def _label_ids_among(shards: list[Path], recipe: str | None, ids: pa.Array) -> pa.Array:
@@ -726,38 +733,87 @@ def _ray_joined(d: Any, store: Any, split_path: Path | None, shards: list[Path],
     return _cached(ds, seed) if d.cache_rows else ds
 
 
-def _val_dataset(d: Any, store: Any, split_path: Path | None, join: str, seed: int) -> tuple[Any, int]:
-    """The validation rows (image_id, image, mask, labels) as a Ray dataset, and their count."""
-    import ray.data
-    from ray.data.expressions import col, lit
+@dataclass(frozen=True)
+class ValRows:
+    """The validation rows, read by the Train workers themselves: each worker scans its share of
+    the store's files with pyarrow (the selection and the columns pushed into the scan) and scores
+    every row it reads, so each row is read and counted once over the worker group.
 
+    Why not a Ray dataset: a worker's own Ray Data execution would compete with the training
+    stream's execution for the same CPUs. Ray Data (2.60) reserves cluster resources for each
+    execution first come, first served, so while the training stream's epoch runs (on a store of
+    millions of rows, for hours) a validation read in the worker gets no CPU and waits: the 10N
+    training start of ``benchmarks/scale.py`` waited minutes for it. A pyarrow scan in the worker
+    takes no Ray resources and costs O(validation rows / workers) per worker.
+
+    Attributes:
+        files: the store's Parquet files (paths every node can read: ``data.store`` is checked).
+        columns: columns read (image_id, image, mask, labels).
+        split: keep store rows of this ``split`` (no split file, no cap), else None.
+        ids: keep these image ids (the ``max_val_rows`` cap), else None.
+        split_file: ids of the split file's rows with ``split == split_file_split`` (read by each
+            worker: O(validation ids)), else None.
+        split_file_split: see ``split_file``.
+        n_rows: number of validation rows (over all workers).
+    """
+
+    files: tuple[str, ...]
+    columns: tuple[str, ...] = ("image_id", "image", "mask", "labels")
+    split: str | None = None
+    ids: tuple[str, ...] | None = None
+    split_file: str | None = None
+    split_file_split: str | None = None
+    n_rows: int = 0
+
+    def _filter(self) -> Any:
+        if self.split_file is not None:
+            ids = pq.read_table(self.split_file, columns=["image_id"],
+                                filters=pads.field("split") == self.split_file_split)["image_id"]
+            return pads.field("image_id").isin(ids.combine_chunks())
+        return Rows(split=self.split, ids=self.ids).arrow_expr()
+
+    def shard(self, rank: int = 0, world: int = 1) -> tuple[Iterator[pa.RecordBatch], bool]:
+        """This worker's record batches, and whether they are its own rows only.
+
+        With at least ``world`` files, worker ``rank`` scans files ``rank::world`` (True: every row
+        it reads is its own); with fewer, every worker scans them all and the caller keeps rows
+        ``i % world == rank`` (False).
+        """
+        from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
+
+        own = len(self.files) >= world
+        files = list(self.files[rank::world]) if own else list(self.files)
+        return scan_batches(files, list(self.columns), self._filter(), IMAGE_STORE_SCHEMA), own
+
+    def read_all(self) -> pa.Table:
+        """Every validation row as one table (tests, small stores)."""
+        from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
+
+        batches = list(self.shard()[0])
+        return pa.Table.from_batches(batches, schema=pa.schema([IMAGE_STORE_SCHEMA.field(c) for c in self.columns]))
+
+
+def _val_rows(d: Any, store: Any, split_path: Path | None, seed: int) -> ValRows:
+    """The validation selection (a planning scan of the val ids: the count and the cap's subset)."""
     from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
 
-    columns = ["image_id", "image", "mask", "labels"]
     cap = SmallestK(d.max_val_rows, seed)
     n = 0
     if split_path is not None:
         batches = scan_batches([split_path], ["image_id"], pads.field("split") == d.val_split)
     else:
         batches = scan_batches(store.files, ["image_id"], pads.field("split") == d.val_split, IMAGE_STORE_SCHEMA)
-    small = []
     for b in batches:
         ids = b.column(0).to_pylist()
         n += len(ids)
         cap.update(ids, [""] * len(ids))
-        if split_path is not None and join == "broadcast" and d.max_val_rows is None:
-            small.extend(ids)
+    files = tuple(str(f) for f in store.files)
     if d.max_val_rows is not None:
         ids = tuple(cap.table()["image_id"].to_pylist())
-        return _read_rows(d, store, columns, Rows(ids=ids), len(ids), seed, attach=False), len(ids)
+        return ValRows(files=files, ids=ids, n_rows=len(ids))
     if split_path is None:
-        return _read_rows(d, store, columns, Rows(split=d.val_split), n, seed, attach=False), n
-    if join == "broadcast":
-        return _read_rows(d, store, columns, Rows(ids=tuple(small)), n, seed, attach=False), n
-    val_ids = ray.data.read_parquet(str(split_path)).filter(expr=col("split") == lit(d.val_split))
-    ds = store.dataset(columns=columns).join(val_ids.select_columns(["image_id"]), join_type="inner",
-                                             num_partitions=_num_partitions(store), on=("image_id",))
-    return (ds.materialize() if d.cache_rows else ds), n
+        return ValRows(files=files, split=d.val_split, n_rows=n)
+    return ValRows(files=files, split_file=str(split_path), split_file_split=d.val_split, n_rows=n)
 
 
 def _cached(ds: Any, seed: int) -> Any:

@@ -90,8 +90,35 @@ def test_training_batches_mix_classes_of_a_class_sorted_store(sorted_store: Path
     assert sampler.pools["train"].passes == 0
     again = _batch_classes(sampler, steps=16 * PER_CLASS // BATCH)          # the second pass, reshuffled
     assert np.mean(again) >= MIN_MEAN_CLASSES and sampler.pools["train"].passes >= 1
-    val = plan.datasets["val"].take_all()
-    assert sorted(r["image_id"] for r in val) == ["imagenet_val/aeroplane/00", "imagenet_val/aeroplane/01"]
+    val = plan.val.read_all()["image_id"].to_pylist()
+    assert sorted(val) == ["imagenet_val/aeroplane/00", "imagenet_val/aeroplane/01"]
+
+
+def test_validation_rows_are_sharded_over_the_workers_each_counted_once(sorted_store: Path, tmp_path: Path) -> None:
+    """The workers read validation with pyarrow, no Ray Data execution (it would wait for the training
+    stream's CPUs): with a split file naming the 12 dog rows as val, 3 workers each read their own third
+    of the 97 files and together score the 12 rows exactly once; a store of fewer files than workers is
+    read by every worker, which keeps rows i % world == rank."""
+    from raysemiseg.data.store import open_store
+    from raysemiseg.train.data import iter_val_rows
+    from raysemiseg.train.plan import ValRows
+
+    ids = open_store(sorted_store).read_table(["image_id"])["image_id"].to_pylist()
+    dogs = sorted(i for i in ids if i.startswith("imagenet/dog/"))
+    assert len(dogs) == 12
+    pq.write_table(pa.table({"image_id": ids, "split": ["val" if i in dogs else "train" for i in ids],
+                             "role": ["weak"] * len(ids)}), tmp_path / "split.parquet")
+    plan = build_datasets(_cfg(sorted_store, split_file=str(tmp_path / "split.parquet")))
+    assert isinstance(plan.val, ValRows) and plan.val_rows == 12 and "val" not in plan.datasets
+    per_rank = [[r["image_id"] for r in iter_val_rows(plan.val, rank, 3)] for rank in range(3)]
+    assert sorted(i for rows in per_rank for i in rows) == dogs          # each once, none else
+    shards = [plan.val.shard(rank, 3) for rank in range(3)]
+    assert all(own for _, own in shards)                                 # 97 files >= 3: own files
+    assert [sum(b.num_rows for b in it) for it, _ in shards] == [len(r) for r in per_rank]  # reads only its rows
+    one_file = ValRows(files=plan.val.files[:1], n_rows=2)               # fewer files than workers
+    both = [[r["image_id"] for r in iter_val_rows(one_file, rank, 2)] for rank in range(2)]
+    first = pq.read_table(plan.val.files[0], columns=["image_id"])["image_id"].to_pylist()
+    assert len(first) == 2 and both[0] == first[:1] and both[1] == first[1:]
 
 
 def test_split_file_roles_join_and_strong_rows_without_mask_fail_naming_the_row(sorted_store: Path,
