@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/raysemiseg quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_overhead.py

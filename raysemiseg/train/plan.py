@@ -42,6 +42,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -765,7 +766,9 @@ class ValRows:
     split_file_split: str | None = None
     n_rows: int = 0
 
+    @cached_property
     def _filter(self) -> Any:
+        """The pushed-down selection (the split file's val ids are read once per worker, then kept)."""
         if self.split_file is not None:
             ids = pq.read_table(self.split_file, columns=["image_id"],
                                 filters=pads.field("split") == self.split_file_split)["image_id"]
@@ -783,7 +786,7 @@ class ValRows:
 
         own = len(self.files) >= world
         files = list(self.files[rank::world]) if own else list(self.files)
-        return scan_batches(files, list(self.columns), self._filter(), IMAGE_STORE_SCHEMA), own
+        return scan_batches(files, list(self.columns), self._filter, IMAGE_STORE_SCHEMA), own
 
     def read_all(self) -> pa.Table:
         """Every validation row as one table (tests, small stores)."""
