@@ -430,8 +430,7 @@ def iter_val_rows(rows: Any, rank: int = 0, world: int = 1, fetch: int = 8) -> I
     """
     own = False
     if hasattr(rows, "shard"):                       # ValRows: a pyarrow scan of this worker's files
-        batches, own = rows.shard(rank, world)
-        batches = (s for b in batches for s in pa.Table.from_batches([b]).to_batches(max_chunksize=fetch))
+        batches, own = rows.shard(rank, world, batch_rows=fetch)
     elif isinstance(rows, pa.Table):
         batches = rows.to_batches(max_chunksize=fetch)
     else:

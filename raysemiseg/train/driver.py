@@ -182,7 +182,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
                                                checkpoint_score_attribute="val_score", checkpoint_score_order="max"),
             callbacks=callbacks or None),
         datasets=plan.datasets,
-        dataset_config=DataConfig(datasets_to_split=plan.split_names),
+        dataset_config=DataConfig(datasets_to_split="all"),   # every training pool (validation: plan.val)
     )
     return trainer, worker_config
 

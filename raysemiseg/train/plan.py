@@ -71,7 +71,6 @@ class DataPlan:
         pool_rows: rows per training pool (before sharding), e.g. ``{"train": 80}``.
         val: the validation rows (:class:`ValRows`: read by the workers, sharded over them).
         label_space: the store's label space (masks are in it).
-        split_names: names of the datasets that Ray Train shards across workers.
         join: how roles and pseudo labels were attached: ``"none"`` (store columns only),
             ``"broadcast"`` or ``"ray"`` (Ray Data hash join).
     """
@@ -80,7 +79,6 @@ class DataPlan:
     pool_rows: dict[str, int]
     val: ValRows
     label_space: LabelSpace
-    split_names: list[str] = field(default_factory=list)
     join: str = "none"
 
     @property
@@ -95,8 +93,8 @@ class DataPlan:
 
 
 def scan_batches(files: list[str] | list[Path], columns: list[str], filter: Any = None,
-                 schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream ``columns`` of Parquet ``files`` in record batches of :data:`SCAN_ROWS` rows.
+                 schema: pa.Schema | None = None, batch_rows: int = SCAN_ROWS) -> Iterator[pa.RecordBatch]:
+    """Stream ``columns`` of Parquet ``files`` in record batches of at most ``batch_rows`` rows.
 
     Args:
         files: Parquet file paths.
@@ -104,14 +102,15 @@ def scan_batches(files: list[str] | list[Path], columns: list[str], filter: Any 
         filter: a ``pyarrow.dataset`` expression, pushed into the scan (row groups skipped by
             their statistics).
         schema: the files' common schema (default: the first file's).
+        batch_rows: rows per batch (default :data:`SCAN_ROWS`, for id columns; a few for image rows).
 
     Yields:
-        ``pa.RecordBatch`` with ``columns``; memory stays O(:data:`SCAN_ROWS`).
+        ``pa.RecordBatch`` with ``columns``; memory stays O(``batch_rows``).
     """
     if not files:
         return
     ds = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
-    yield from ds.to_batches(columns=columns, filter=filter, batch_size=SCAN_ROWS)
+    yield from ds.to_batches(columns=columns, filter=filter, batch_size=batch_rows)
 
 
 def cap_keys(ids: list[str], seed: int) -> np.ndarray:
@@ -536,7 +535,7 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
     if not val.n_rows:
         raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
     return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val=val,
-                    label_space=space, split_names=list(datasets), join=join)
+                    label_space=space, join=join)
 
 
 def _label_ids_among(shards: list[Path], recipe: str | None, ids: pa.Array) -> pa.Array:
@@ -775,8 +774,8 @@ class ValRows:
             return pads.field("image_id").isin(ids.combine_chunks())
         return Rows(split=self.split, ids=self.ids).arrow_expr()
 
-    def shard(self, rank: int = 0, world: int = 1) -> tuple[Iterator[pa.RecordBatch], bool]:
-        """This worker's record batches, and whether they are its own rows only.
+    def shard(self, rank: int = 0, world: int = 1, batch_rows: int = 8) -> tuple[Iterator[pa.RecordBatch], bool]:
+        """This worker's record batches of at most ``batch_rows`` rows, and whether they are its own rows only.
 
         With at least ``world`` files, worker ``rank`` scans files ``rank::world`` (True: every row
         it reads is its own); with fewer, every worker scans them all and the caller keeps rows
@@ -786,14 +785,7 @@ class ValRows:
 
         own = len(self.files) >= world
         files = list(self.files[rank::world]) if own else list(self.files)
-        return scan_batches(files, list(self.columns), self._filter, IMAGE_STORE_SCHEMA), own
-
-    def read_all(self) -> pa.Table:
-        """Every validation row as one table (tests, small stores)."""
-        from raysemiseg.data.schema import IMAGE_STORE_SCHEMA
-
-        batches = list(self.shard()[0])
-        return pa.Table.from_batches(batches, schema=pa.schema([IMAGE_STORE_SCHEMA.field(c) for c in self.columns]))
+        return scan_batches(files, list(self.columns), self._filter, IMAGE_STORE_SCHEMA, batch_rows), own
 
 
 def _val_rows(d: Any, store: Any, split_path: Path | None, seed: int) -> ValRows:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from raysemiseg.config import load_config
 from raysemiseg.labels import builtin
-from raysemiseg.train.data import BatchSampler
+from raysemiseg.train.data import BatchSampler, iter_val_rows
 from raysemiseg.train.plan import build_datasets
 
 CLASSES = builtin("voc21").names[1:17]         # 16 foreground classes, one folder each
@@ -90,7 +90,7 @@ def test_training_batches_mix_classes_of_a_class_sorted_store(sorted_store: Path
     assert sampler.pools["train"].passes == 0
     again = _batch_classes(sampler, steps=16 * PER_CLASS // BATCH)          # the second pass, reshuffled
     assert np.mean(again) >= MIN_MEAN_CLASSES and sampler.pools["train"].passes >= 1
-    val = plan.val.read_all()["image_id"].to_pylist()
+    val = [r["image_id"] for r in iter_val_rows(plan.val)]
     assert sorted(val) == ["imagenet_val/aeroplane/00", "imagenet_val/aeroplane/01"]
 
 
@@ -100,7 +100,6 @@ def test_validation_rows_are_sharded_over_the_workers_each_counted_once(sorted_s
     of the 97 files and together score the 12 rows exactly once; a store of fewer files than workers is
     read by every worker, which keeps rows i % world == rank."""
     from raysemiseg.data.store import open_store
-    from raysemiseg.train.data import iter_val_rows
     from raysemiseg.train.plan import ValRows
 
     ids = open_store(sorted_store).read_table(["image_id"])["image_id"].to_pylist()
