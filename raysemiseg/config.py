@@ -61,6 +61,9 @@ class ModelConfig(StrictModel):
     output_stride: Literal[8, 16, 32] = 8
     freeze_bn: bool = Field(
         False, description="backbone BatchNorm in eval mode with fixed affine parameters (small CPU batches want it)")
+    freeze_at: int = Field(
+        0, ge=0, description="freeze the backbone's first N stages, stem = 1 (eval mode, no gradient; Detectron's "
+                             "FREEZE_AT); 0 = train every stage")
 
     @field_validator("backbone")
     @classmethod

@@ -171,7 +171,8 @@ def _predict(method: Any, images: torch.Tensor, labels: torch.Tensor | None) -> 
 def _build(name: str, spec: Spec) -> Any:
     torch.manual_seed(0)
     cls = get_method(name)
-    model = ModelConfig(backbone="efficientnet_lite0", pretrained=True, output_stride=16, freeze_bn=True)
+    model = ModelConfig(backbone="efficientnet_lite0", pretrained=True, output_stride=16, freeze_bn=True,
+                        freeze_at=5)  # the quickstart's recipe
     return cls(SPACE, model, cls.Params(**spec.params))
 
 

@@ -149,3 +149,40 @@ def test_freeze_bn_keeps_statistics_and_affine_fixed(frozen: bool) -> None:
         assert not any(moved_stats) and not any(moved_affine)
     else:
         assert all(moved_stats) and all(moved_affine)
+
+
+def test_freeze_at_stops_gradients_and_statistics_of_the_first_stages() -> None:
+    """``model.freeze_at=2`` on the tiny backbone (os 8: 3 stride-2 conv-BN-ReLU stages + 1 stride-1 stage):
+    after one SGD step the first 2 stages' conv weights and BN running means are bit-identical and got no
+    gradient, stages 3 and 4 moved; the freeze survives the whole-backbone ``requires_grad_(True)`` that
+    methods issue on a stage change (``train()`` re-applies it). 5 stages is too many for it."""
+    torch.manual_seed(0)
+    bb = build_backbone(ModelConfig(backbone="tiny", pretrained=False, output_stride=8, freeze_at=2))
+    stages = bb.stages()
+    assert len(stages) == 4 and [len(s) for s in stages] == [3, 3, 3, 3]
+    convs = [s[0] for s in stages]
+    bns = [s[1] for s in stages]
+    w0 = [c.weight.detach().clone() for c in convs]
+    m0 = [b.running_mean.clone() for b in bns]
+    bb.requires_grad_(True)
+    bb.train()
+    assert [b.training for b in bns] == [False, False, True, True]
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=0.1)
+    bb(torch.randn(4, 3, 32, 32) + 2.0).square().mean().backward()
+    opt.step()
+    assert [c.weight.grad is None for c in convs] == [True, True, False, False]
+    assert [torch.equal(w, c.weight.detach()) for w, c in zip(w0, convs)] == [True, True, False, False]
+    assert [torch.equal(m, b.running_mean) for m, b in zip(m0, bns)] == [True, True, False, False]
+    with pytest.raises(ValueError, match=r"freeze_at 5: backbone TinyBackbone has 4 stages \(valid 0..4\)"):
+        bb.set_freeze_at(5)
+
+
+def test_efficientnet_stages_partition_the_blocks() -> None:
+    """EfficientNet-Lite0's 8 stages: the stem, then blocks 0 | 1-2 | 3-4 | 5-7 | 8-10 | 11-14 | 15 (the
+    native 16/24/40/80/112/192/320-channel stages), every block exactly once and in order."""
+    bb = EfficientNetLite0(output_stride=16, pretrained=False)
+    stages = bb.stages()
+    assert len(stages) == 8 and stages[0][0] is bb._conv_stem
+    blocks = [b for s in stages[1:] for b in s]
+    assert len(blocks) == 16 and all(a is b for a, b in zip(blocks, bb._blocks))
+    assert [int(s[-1]._block_args.output_filters) for s in stages[1:]] == [16, 24, 40, 80, 112, 192, 320]
