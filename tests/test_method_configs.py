@@ -1,6 +1,7 @@
 """Every shipped ``configs/methods/*.yaml`` validates and trains (at smoke size: tiny backbone, 64 px
 crops, 2 steps) through ``jobs/train.py``, the entry point ``ray job submit`` runs; one of them goes
-through a real ``ray job submit`` to a Ray head with its job server on 127.0.0.1.
+through a real ``ray job submit`` to a 2-node Ray cluster (head with its job server on 127.0.0.1 + a
+worker node), one Train worker per node.
 
 Only the sizes and the prepared inputs are overridden (store, split file, label store, the
 Cross-Pretrain checkpoint, which the configs' comments say how to prepare): every method section
@@ -119,20 +120,28 @@ def test_method_config_trains_through_the_job_entry_point(ray_session, prepared,
 
 
 JOB_SCRIPT = textwrap.dedent("""
-    import os, subprocess, sys, time
+    import json, os, subprocess, sys, time
     from ray.cluster_utils import Cluster
 
-    port, agent_port = int(sys.argv[1]), int(sys.argv[2])
-    # the job agent gets its own HTTP port: the default one (52365) is taken by any other Ray on the machine
+    port, agent_ports, root, relative, args = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3], sys.argv[4], sys.argv[5:]
+    # two nodes, each offering one `train_slot`; the job agents get their own HTTP ports (the default one,
+    # 52365, is taken by any other Ray on the machine)
+    node = dict(num_cpus=2, resources={"train_slot": 1}, object_store_memory=200 * 1024 * 1024)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-        dashboard_agent_listen_port=agent_port, object_store_memory=200 * 1024 * 1024))
+        node, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        dashboard_agent_listen_port=int(agent_ports[0])))
+    cluster.add_node(**node, dashboard_agent_listen_port=int(agent_ports[1]))
+    cluster.wait_for_nodes()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
+        # a driver of its own with a relative storage path: refused before any work (one JSON line)
+        proc = subprocess.run([sys.executable, "jobs/train.py", "--config", relative, "--address", cluster.address],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=root)
+        print(json.dumps({"rc": proc.returncode, "err": proc.stderr[-4000:]}), flush=True)
         for attempt in range(20):  # the head's job agent starts a few seconds after the head
             proc = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{port}",
-                                   "--working-dir", sys.argv[3], "--", "python", "jobs/train.py", *sys.argv[4:]],
-                                  env=env, capture_output=True, text=True, timeout=420, cwd=sys.argv[3])
+                                   "--working-dir", root, "--", "python", "jobs/train.py", *args],
+                                  env=env, capture_output=True, text=True, timeout=420, cwd=root)
             if "No available agent" not in proc.stderr:
                 break
             time.sleep(3)
@@ -151,24 +160,48 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_method_config(prepared, tmp_path) -> None:
+def test_ray_job_submit_trains_a_method_config_one_worker_per_node(prepared, tmp_path) -> None:
     """``ray job submit --working-dir . -- python jobs/train.py --config configs/methods/dual_branch.yaml``
-    (README, "Running on a cluster") against a real head with the job server; the job's own output
-    carries the training result and ``ray job submit`` exits 0 only when the job SUCCEEDED."""
+    (README, "Running on a cluster") against a real 2-node cluster (``ray.cluster_utils.Cluster``: a real
+    GCS, two raylets, the head's job server on 127.0.0.1), run in a subprocess so the test session's own
+    Ray is undisturbed. Each node offers one ``train_slot`` and each of the 2 Train workers asks for one,
+    so they must land on different nodes (DDP across nodes). The job's own output carries the training
+    result, and ``ray job submit`` exits 0 only when the job SUCCEEDED.
+
+    On the same cluster, a driver of its own whose storage path is relative is refused before any work
+    starts (each node's workers would resolve it against their own working directory). The nodes use
+    Ray's default node IP: a separate driver cannot join a cluster whose GCS listens on 127.0.0.1 only
+    (Ray rewrites a localhost bootstrap address to the node IP, ``resolve_ip_for_localhost``)."""
     config = SUBMITTED
     args = ["--config", str(config.relative_to(ROOT))]
-    for item in smoke_overrides(config, prepared, tmp_path / "runs"):
+    two_nodes = {"scaling.num_workers": 2, "scaling.resources_per_worker": {"train_slot": 1},
+                 "scaling.placement_strategy": "SPREAD"}
+    for item in smoke_overrides(config, prepared, tmp_path / "runs") + [f"{k}={json.dumps(v)}" for k, v in
+                                                                         two_nodes.items()]:
         args += ["--set", item]
+    relative = load_config(config, overrides={**{k: json.loads(v) for k, v in (
+        i.split("=", 1) for i in smoke_overrides(config, prepared, tmp_path / "runs"))},
+        **two_nodes, "run.name": "relative", "run.storage_path": "rel-runs"})
+    rel_path = tmp_path / "relative.yaml"
+    rel_path.write_text(yaml.safe_dump(relative.model_dump(mode="json")))
     script = tmp_path / "submit.py"
     script.write_text(JOB_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the head runs job entrypoints with its own PATH: this interpreter's `python` first, as on a cluster
     # node whose image has the package installed
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(_free_port()), str(ROOT), *args],
+    proc = subprocess.run([sys.executable, str(script), str(_free_port()), f"{_free_port()},{_free_port()}",
+                           str(ROOT), str(rel_path), *args],
                           capture_output=True, text=True, timeout=560, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    refused = json.loads(proc.stdout.splitlines()[0])
+    # the relative storage path: refused up front (exit 2), saying what to set, nothing written
+    assert refused["rc"] == 2, refused["err"]
+    assert "run.storage_path='rel-runs' is relative" in refused["err"] and "cluster of 2 nodes" in refused["err"]
+    assert "s3://" in refused["err"] and not (ROOT / "rel-runs").exists()
     plain = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
     assert re.search(r"Job 'raysubmit_\w+' succeeded", plain), plain[-2000:]
     result = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"run_dir"'))
-    assert result["epoch"] == 1 and (Path(result["best_checkpoint"]) / "model.pt").is_file()
+    assert result["num_workers"] == 2 and result["num_nodes"] == 2
+    assert result["epoch"] == 1 and 0.0 <= result["val_miou"] <= 1.0
+    assert (Path(result["best_checkpoint"]) / "model.pt").is_file()
