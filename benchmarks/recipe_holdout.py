@@ -3,15 +3,16 @@ trained on its 25 % strong training images, scored on the other 75 % of the trai
 variants side by side in one run.
 
     python benchmarks/recipe_holdout.py [--steps 300] [--seeds 0] \\
-        [--variant base] [--variant "freeze3:model.freeze_at=3"] [--variant "lr2e-4:optim.lr=0.0002"]
+        [--variant base] [--variant "none:model.freeze_at=0"] [--variant "lr2e-4:optim.lr=0.0002"]
 
 Each variant is ``NAME[:KEY=VALUE,KEY=VALUE...]``, dotted keys of the train config (``raysemiseg train``'s
 schema, as ``--set``). The base config is the strong-only arm of ``configs/quickstart.yaml`` (its ``base`` plus
 the arm's method), the split is the quickstart's (``i3s-fraction`` 0.25, seed 0, over the store's train rows).
 
-The loop is the package's own single-process pieces, as ``benchmarks/train_overhead.py``'s plain path:
-:func:`raysemiseg.train.data.augment_batch`, :func:`collate`, :func:`train_step`, the poly schedule; batches are
-drawn uniformly from the strong rows (a seeded permutation per pass). Scoring is
+The loop is ``benchmarks/train_overhead.py``'s plain path (:func:`train_overhead.plain_loop`: the package's own
+:func:`raysemiseg.train.data.augment_batch`, :func:`collate`, :func:`train_step`, the poly schedule, with the
+config's ``scaling.cpus_per_worker`` torch threads), its batches drawn from a seeded permutation of the strong
+rows per pass; ``s/step`` is the step alone, after 5 warm-up steps. Scoring is
 :func:`raysemiseg.eval.predict.evaluate_rows` at native size (the sample's images are <= 320 px), the quickstart's
 own evaluation.
 
@@ -64,47 +65,19 @@ def held_out_split(store: Path) -> tuple[set[str], set[str]]:
 
 
 def run_variant(cfg: Any, strong: Any, held_out: Any, steps: int, seed: int) -> dict[str, float]:
-    """Train ``steps`` steps on the ``strong`` rows (pyarrow Table), score ``held_out``; returns
-    ``{"miou": %, "step_s": s, "eval_s": s}``."""
-    import numpy as np
-    import pyarrow as pa
-    import torch
+    """Train ``steps`` steps on the ``strong`` rows (pyarrow Table; :func:`train_overhead.plain_loop`, shuffled),
+    score ``held_out``; returns ``{"miou": %, "step_s": s, "eval_s": s}``."""
+    from train_overhead import plain_loop
 
     from raysemiseg.eval.predict import evaluate_rows
-    from raysemiseg.methods.base import get_method
-    from raysemiseg.train.data import augment_batch, collate
-    from raysemiseg.train.loop import build_optimizers, normalisation, poly_factor, set_lr, train_step
-
     from raysemiseg.labels import load_label_space
 
-    space = load_label_space(cfg.label_space)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    rows = strong.append_column("role", pa.array(["strong"] * strong.num_rows)) \
-        .append_column("pseudo", pa.nulls(strong.num_rows, pa.binary()))
-    method = get_method(cfg.method.name)(space, cfg.model, cfg.method.build_params())
-    method.set_stage(cfg.method.stage)
-    mean, std = normalisation(method)
-    opts = build_optimizers(method, cfg.optim)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    method.train()
-    b, order, pos, step_s = cfg.data.batch_size, rng.permutation(rows.num_rows), 0, 0.0
-    for step in range(steps):
-        if pos + b > len(order):
-            order, pos = rng.permutation(rows.num_rows), 0
-        idx, pos = order[pos:pos + b], pos + b
-        arrays = augment_batch(rows.take(pa.array(idx)), crop=cfg.data.crop_size,
-                               scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip,
-                               ignore_index=space.ignore_index, num_classes=space.num_classes, uses_boxes=False,
-                               seed=seed, rng=rng)
-        set_lr(opts, poly_factor(step, steps, cfg.optim.poly_power))
-        batch = collate(arrays, mean, std, "cpu")
-        t = time.perf_counter()
-        train_step(method, batch, opts, scaler, amp=False)
-        step_s += time.perf_counter() - t
+    trained: list[Any] = []
+    stats = plain_loop(cfg, steps, warmup=5, rows=strong, shuffle=True, seed=seed, trained=trained)
     t = time.perf_counter()
-    res = evaluate_rows(method, held_out, space, val_size=cfg.data.val_size, desc="held-out", progress=False)
-    return {"miou": 100.0 * res.metrics.miou, "step_s": step_s / steps, "eval_s": time.perf_counter() - t}
+    res = evaluate_rows(trained[0], held_out, load_label_space(cfg.label_space), val_size=cfg.data.val_size,
+                        desc="held-out", progress=False)
+    return {"miou": 100.0 * res.metrics.miou, "step_s": stats["step_s"], "eval_s": time.perf_counter() - t}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variant", action="append", default=[], help="NAME[:KEY=VALUE,...] (first = reference)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the quickstart's worker has 2)")
     args = p.parse_args(argv)
 
     import pyarrow as pa
     import pyarrow.compute as pc
-    import torch
-
     from raysemiseg.data.store import open_store
     from raysemiseg.experiment import ensure_store
 
-    torch.set_num_threads(args.threads)
     store = ensure_store(Path(args.store).resolve(), "voc21", sample="voc")
     strong_ids, held_ids = held_out_split(store)
     table = open_store(store).read_table(filter_split="train")

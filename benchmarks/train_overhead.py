@@ -32,10 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def plain_loop(cfg, steps: int, warmup: int, device: str = "cpu") -> dict[str, float]:
+def plain_loop(cfg, steps: int, warmup: int, device: str = "cpu", rows=None, shuffle: bool = False,
+               seed: int | None = None, trained: list | None = None) -> dict[str, float]:
     """Single-process PyTorch loop; returns steady-state images/s and per-step seconds
     (``data_s``: slice + decode + augment, ``to_device_s``: collate, ``step_s``: train_step).
-    On ``cuda`` with ``cfg.optim.amp``: float16 autocast + GradScaler, as the Ray workers."""
+    On ``cuda`` with ``cfg.optim.amp``: float16 autocast + GradScaler, as the Ray workers.
+
+    ``rows``: the store rows to train on (default: the train split's pixel rows), all fed as strong;
+    ``shuffle``: batches from a seeded permutation per pass instead of consecutive slices; ``seed``:
+    torch and numpy seed (default ``cfg.run.seed``); ``trained``: a list the trained method is appended to."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -49,12 +54,13 @@ def plain_loop(cfg, steps: int, warmup: int, device: str = "cpu") -> dict[str, f
     torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
     store = open_store(cfg.data.store)
     space = store.label_space
-    # the same rows as the Ray run's pool (the train split's pixel rows, all strong), read in this process
-    rows = store.read_table(filter_split=cfg.data.train_split)
-    rows = rows.filter(pc.equal(rows["supervision"], "pixel"))
+    seed = cfg.run.seed if seed is None else seed
+    if rows is None:  # the same rows as the Ray run's pool (the train split's pixel rows), read in this process
+        rows = store.read_table(filter_split=cfg.data.train_split)
+        rows = rows.filter(pc.equal(rows["supervision"], "pixel"))
     rows = rows.append_column("role", pa.array(["strong"] * rows.num_rows)) \
         .append_column("pseudo", pa.nulls(rows.num_rows, pa.binary()))
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(seed)
     method = get_method(cfg.method.name)(space, cfg.model, cfg.method.build_params())
     method.set_stage(cfg.method.stage)
     dev = torch.device(device)
@@ -63,19 +69,25 @@ def plain_loop(cfg, steps: int, warmup: int, device: str = "cpu") -> dict[str, f
     mean, std = normalisation(method)
     opts = build_optimizers(method, cfg.optim)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp)
-    rng = np.random.default_rng(cfg.run.seed)
+    rng = np.random.default_rng(seed)
     b = cfg.data.batch_size
     method.train()
     t0, n = None, 0
     split = {"data_s": 0.0, "to_device_s": 0.0, "step_s": 0.0}
+    order, pos = (rng.permutation(rows.num_rows) if shuffle else None), 0
     for step in range(steps):
         if step == warmup:
             t0, n = time.perf_counter(), 0
         ta = time.perf_counter()
-        start = (step * b) % max(rows.num_rows - b, 1)
-        arrays = augment_batch(rows.slice(start, b), crop=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
+        if shuffle:
+            if pos + b > len(order):
+                order, pos = (rng.permutation(rows.num_rows) if shuffle else None), 0
+            batch_rows, pos = rows.take(pa.array(order[pos:pos + b])), pos + b
+        else:
+            batch_rows = rows.slice((step * b) % max(rows.num_rows - b, 1), b)
+        arrays = augment_batch(batch_rows, crop=cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
                                flip=cfg.data.flip, ignore_index=space.ignore_index, num_classes=space.num_classes,
-                               uses_boxes=False, seed=cfg.run.seed, rng=rng)
+                               uses_boxes=False, seed=seed, rng=rng)
         tb = time.perf_counter()
         set_lr(opts, poly_factor(step, steps, cfg.optim.poly_power))
         batch = collate(arrays, mean, std, dev)
@@ -89,6 +101,8 @@ def plain_loop(cfg, steps: int, warmup: int, device: str = "cpu") -> dict[str, f
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     timed = max(steps - warmup, 1)
+    if trained is not None:
+        trained.append(method)
     return {"images_per_s": n / (time.perf_counter() - t0), **{k: v / timed for k, v in split.items()}}
 
 

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Ray Train's controller polls its workers every 2 s by default, so each of the suite's ~60 short runs waits
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's short training runs waits
 # up to 2 s after its last step; 0.25 s keeps the poll and drops most of the wait
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 

@@ -84,8 +84,8 @@ def prepared(sample_store, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def smoke_overrides(config: Path, prepared: dict[str, str], runs: Path) -> list[str]:
-    """``--set`` items for ``jobs/train.py``: the smoke sizes plus the prepared inputs."""
+def smoke_values(config: Path, prepared: dict[str, str], runs: Path) -> dict[str, object]:
+    """Dotted overrides of ``config``: the smoke sizes plus the prepared inputs."""
     raw = yaml.safe_load(config.read_text())
     over = {**SMOKE, "data.store": prepared["store"], "run.storage_path": str(runs)}
     split = (raw.get("data") or {}).get("split_file")
@@ -95,6 +95,11 @@ def smoke_overrides(config: Path, prepared: dict[str, str], runs: Path) -> list[
         over["data.label_store"] = prepared["labels"]
     if ((raw.get("method") or {}).get("params") or {}).get("init_from"):
         over["method.params.init_from"] = prepared["cross"]
+    return over
+
+
+def set_items(over: dict[str, object]) -> list[str]:
+    """``--set KEY=VALUE`` items for ``jobs/train.py`` (values as JSON, which YAML reads)."""
     return [f"{k}={json.dumps(v)}" for k, v in over.items()]
 
 
@@ -107,7 +112,7 @@ def test_method_config_trains_through_the_job_entry_point(ray_session, prepared,
     finally:
         sys.path.remove(str(ROOT / "jobs"))
     argv = ["--config", str(config)]
-    for item in smoke_overrides(config, prepared, tmp_path / "runs"):
+    for item in set_items(smoke_values(config, prepared, tmp_path / "runs")):
         argv += ["--set", item]
     assert train_job.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -176,12 +181,10 @@ def test_ray_job_submit_trains_a_method_config_one_worker_per_node(prepared, tmp
     args = ["--config", str(config.relative_to(ROOT))]
     two_nodes = {"scaling.num_workers": 2, "scaling.resources_per_worker": {"train_slot": 1},
                  "scaling.placement_strategy": "SPREAD"}
-    for item in smoke_overrides(config, prepared, tmp_path / "runs") + [f"{k}={json.dumps(v)}" for k, v in
-                                                                         two_nodes.items()]:
+    over = {**smoke_values(config, prepared, tmp_path / "runs"), **two_nodes}
+    for item in set_items(over):
         args += ["--set", item]
-    relative = load_config(config, overrides={**{k: json.loads(v) for k, v in (
-        i.split("=", 1) for i in smoke_overrides(config, prepared, tmp_path / "runs"))},
-        **two_nodes, "run.name": "relative", "run.storage_path": "rel-runs"})
+    relative = load_config(config, overrides={**over, "run.name": "relative", "run.storage_path": "rel-runs"})
     rel_path = tmp_path / "relative.yaml"
     rel_path.write_text(yaml.safe_dump(relative.model_dump(mode="json")))
     script = tmp_path / "submit.py"
