@@ -66,7 +66,8 @@ def held_out_split(store: Path) -> tuple[set[str], set[str]]:
 
 def run_variant(cfg: Any, strong: Any, held_out: Any, steps: int, seed: int) -> dict[str, float]:
     """Train ``steps`` steps on the ``strong`` rows (pyarrow Table; :func:`train_overhead.plain_loop`, shuffled),
-    score ``held_out``; returns ``{"miou": %, "step_s": s, "eval_s": s}``."""
+    score ``held_out`` without and with flip test-time augmentation; returns
+    ``{"miou": %, "miou_flip": %, "step_s": s, "eval_s": s}``."""
     from train_overhead import plain_loop
 
     from raysemiseg.eval.predict import evaluate_rows
@@ -74,10 +75,14 @@ def run_variant(cfg: Any, strong: Any, held_out: Any, steps: int, seed: int) -> 
 
     trained: list[Any] = []
     stats = plain_loop(cfg, steps, warmup=5, rows=strong, shuffle=True, seed=seed, trained=trained)
+    space = load_label_space(cfg.label_space)
     t = time.perf_counter()
-    res = evaluate_rows(trained[0], held_out, load_label_space(cfg.label_space), val_size=cfg.data.val_size,
-                        desc="held-out", progress=False)
-    return {"miou": 100.0 * res.metrics.miou, "step_s": stats["step_s"], "eval_s": time.perf_counter() - t}
+    res = evaluate_rows(trained[0], held_out, space, val_size=cfg.data.val_size, desc="held-out", progress=False)
+    eval_s = time.perf_counter() - t
+    flipped = evaluate_rows(trained[0], held_out, space, val_size=cfg.data.val_size, desc="held-out flip",
+                            progress=False, flip=True)
+    return {"miou": 100.0 * res.metrics.miou, "miou_flip": 100.0 * flipped.metrics.miou,
+            "step_s": stats["step_s"], "eval_s": eval_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,17 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             r = run_variant(cfg, strong, held_out, args.steps, seed)
             results.setdefault(name, []).append(r)
-            print(f"{name} seed {seed}: held-out mIoU {r['miou']:.2f} %, {r['step_s']:.3f} s/step "
+            print(f"{name} seed {seed}: held-out mIoU {r['miou']:.2f} % (flip TTA {r['miou_flip']:.2f} %), "
+                  f"{r['step_s']:.3f} s/step "
                   f"(eval {r['eval_s']:.0f} s)", flush=True)
 
     ref = variants[0][0]
-    mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("miou", "step_s")} for k, v in results.items()}
-    print(f"\n| variant | overrides | held-out mIoU % (mean of {len(args.seeds)}) | s/step | mIoU - {ref} | "
-          f"time / {ref} |\n| --- | --- | --- | --- | --- | --- |")
+    mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("miou", "miou_flip", "step_s")} for k, v in results.items()}
+    print(f"\n| variant | overrides | held-out mIoU % (mean of {len(args.seeds)}) | with flip TTA | s/step | "
+          f"mIoU - {ref} | time / {ref} |\n| --- | --- | --- | --- | --- | --- | --- |")
     for name, over in variants:
         m = mean[name]
         print(f"| {name} | {', '.join(f'{k}={v}' for k, v in over.items()) or '-'} | {m['miou']:.2f} | "
-              f"{m['step_s']:.3f} | {m['miou'] - mean[ref]['miou']:+.2f} | {m['step_s'] / mean[ref]['step_s']:.2f}x |")
+              f"{m['miou_flip']:.2f} | {m['step_s']:.3f} | {m['miou'] - mean[ref]['miou']:+.2f} | {m['step_s'] / mean[ref]['step_s']:.2f}x |")
     return 0
 
 

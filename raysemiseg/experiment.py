@@ -136,6 +136,7 @@ class ExperimentConfig(StrictModel):
     arms: list[ArmDef]
     eval_split: str = "val"
     eval_crf: bool = False
+    eval_flip: bool = Field(False, description="left-right flip test-time augmentation in the final evaluations")
     eval_max_rows: int | None = None
     num_overlays: int = 6
     compare_untrained: bool = Field(False, description="also score the first arm's network with an untrained head")
@@ -528,26 +529,27 @@ def run_experiment(ecfg: ExperimentConfig) -> ExperimentResult:
                 train_s += dt
                 steps[step.name] = aenv[f"step.{step.name}"] = env[f"arms.{arm.name}.{step.name}"] = str(last)
             assert last is not None
-            ev = evaluate_checkpoint(last, store, ecfg.eval_split, crf=ecfg.eval_crf, num_samples=ecfg.num_overlays,
-                                     max_rows=ecfg.eval_max_rows)
+            ev = evaluate_checkpoint(last, store, ecfg.eval_split, crf=ecfg.eval_crf, flip=ecfg.eval_flip,
+                                     num_samples=ecfg.num_overlays, max_rows=ecfg.eval_max_rows)
             arms.append(ArmResult(arm.name, last, ev, train_s, steps))
             _say(f"arm {arm.name}: {ecfg.eval_split} mIoU {ev.metrics.miou * 100:.2f}% "
                  f"(trained {train_s:.0f} s)")
             if arm.also_given_labels:
-                ev = evaluate_checkpoint(last, store, ecfg.eval_split, crf=ecfg.eval_crf,
+                ev = evaluate_checkpoint(last, store, ecfg.eval_split, crf=ecfg.eval_crf, flip=ecfg.eval_flip,
                                          num_samples=ecfg.num_overlays, max_rows=ecfg.eval_max_rows, given_labels=True)
                 arms.append(ArmResult(f"{arm.name}-GT", last, ev, train_s, steps))
                 _say(f"arm {arm.name}-GT (given image labels): {ecfg.eval_split} mIoU {ev.metrics.miou * 100:.2f}%")
         untrained = None
         if ecfg.compare_untrained:
             untrained = evaluate_checkpoint(arms[0].checkpoint, store, ecfg.eval_split, crf=ecfg.eval_crf,
-                                            num_samples=0, untrained_head=True, max_rows=ecfg.eval_max_rows)
+                                            flip=ecfg.eval_flip, num_samples=0, untrained_head=True,
+                                            max_rows=ecfg.eval_max_rows)
         timings["train_eval_s"] = time.perf_counter() - t
         cols = {a.name: a.eval.metrics for a in arms}
         if untrained is not None:
             cols[f"{arms[0].name} untrained head"] = untrained.metrics
         title = (f"{ecfg.name}: {ecfg.eval_split} IoU % ({arms[0].eval.num_images} images"
-                 + (", dense CRF" if ecfg.eval_crf else "") + ")")
+                 + (", flip TTA" if ecfg.eval_flip else "") + (", dense CRF" if ecfg.eval_crf else "") + ")")
         table = format_comparison(cols, space, groups, title=title)
         files = []
         for a in arms:

@@ -1,4 +1,4 @@
-"""``raysemiseg eval --checkpoint CKPT --store STORE --split val [--crf] [--out DIR]``."""
+"""``raysemiseg eval --checkpoint CKPT --store STORE --split val [--flip] [--crf] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--store", required=True, help="image store directory")
     p.add_argument("--split", default="val")
     p.add_argument("--crf", action="store_true", help="dense-CRF post-processing (DeepLab parameters)")
-    p.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/eval_<split>[_crf])")
+    p.add_argument("--flip", action="store_true",
+                   help="left-right flip test-time augmentation: logits of the image and its mirror averaged (2x the "
+                        "forward cost; DeepLab's multi-view test)")
+    p.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/eval_<split>[_flip][_crf])")
     p.add_argument("--num-overlays", type=int, default=6)
     p.add_argument("--max-rows", type=int, default=None, help="score only the first N rows")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -34,10 +37,11 @@ def _cmd(args: argparse.Namespace) -> int:
 
     res = evaluate_checkpoint(args.checkpoint, args.store, args.split, crf=args.crf, num_samples=args.num_overlays,
                               device=args.device, max_rows=args.max_rows, given_labels=args.given_labels or None,
-                              score_space=args.score_space)
-    tag = f"{args.split}{'_crf' if args.crf else ''}{'_given_labels' if args.given_labels else ''}"
+                              score_space=args.score_space, flip=args.flip)
+    tag = (f"{args.split}{'_flip' if args.flip else ''}{'_crf' if args.crf else ''}"
+           f"{'_given_labels' if args.given_labels else ''}")
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{tag}"
-    report = write_report(res, out, title=f"{args.split}{' + CRF' if args.crf else ''}"
+    report = write_report(res, out, title=f"{args.split}{' + flip' if args.flip else ''}{' + CRF' if args.crf else ''}"
                                           f"{' (given labels)' if args.given_labels else ''}: {args.checkpoint}")
     print(report.table)
     print(f"{res.num_images} images in {res.seconds:.1f} s; report in {out}")

@@ -54,6 +54,7 @@ class EvalResult:
         samples: the first ``num_samples`` images for overlays.
         labels: image-level multi-label scores (F1) over the rows with a ``labels`` value (the
             only score of an image-level-only split); None when no row had one.
+        flip: whether left-right flip test-time augmentation was applied.
     """
 
     metrics: SegMetrics
@@ -63,6 +64,7 @@ class EvalResult:
     crf: bool
     samples: list[Sample] = field(default_factory=list)
     labels: LabelMetrics | None = None
+    flip: bool = False
 
 
 def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int | None, params: Any = None,
@@ -96,7 +98,7 @@ def refine_with_crf(image: np.ndarray, logits: torch.Tensor, background_id: int 
 def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *, device: str | torch.device = "cpu",
                   val_size: int | None = None, crf: bool = False, num_samples: int = 0,
                   desc: str = "eval", progress: bool = True, given_labels: bool = False,
-                  score_space: LabelSpace | None = None) -> EvalResult:
+                  score_space: LabelSpace | None = None, flip: bool = False) -> EvalResult:
     """mIoU of ``method`` over store ``rows`` (a pyarrow Table or a Ray dataset of store rows).
 
     Args:
@@ -104,6 +106,8 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
         rows: store rows with ``image``, ``mask``, ``image_id`` columns.
         val_size: resize the long side before the forward pass (None = native).
         crf: dense-CRF post-processing.
+        flip: left-right flip test-time augmentation (:func:`~raysemiseg.train.loop.predict_logits`;
+            2x the forward cost), before the CRF when both are on.
         num_samples: how many (image, gt, prediction) triples to keep for overlays.
         given_labels: predict with each row's image-level labels (``rows`` needs a ``labels``
             column): TransferNet-GT, DecoupledNet with given labels.
@@ -133,7 +137,7 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
         if row["mask"] is None and row.get("labels") is None:
             continue
         p = predict_image(method, row["image"], mean, std, dev, val_size,
-                          image_labels=given_labels_vector(method, row, given_labels))
+                          image_labels=given_labels_vector(method, row, given_labels), flip=flip)
         if row.get("labels") is not None:
             present, true = p.present.cpu(), torch.as_tensor([int(c) for c in row["labels"]], dtype=torch.int64)
             if lut is not None:  # foreground classes of the scoring space only
@@ -156,13 +160,14 @@ def evaluate_rows(method: torch.nn.Module, rows: Any, label_space: LabelSpace, *
             samples.append(Sample(row["image_id"], row["image"], m_t.numpy(), p_t.numpy()))
         n += 1
     return EvalResult(cm.compute(), scored, n, time.perf_counter() - t0, crf, samples,
-                      labels=lc.compute() if lc.num_images else None)
+                      labels=lc.compute() if lc.num_images else None, flip=flip)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = "val", *, crf: bool = False,
                         num_samples: int = 6, device: str | None = None, max_rows: int | None = None,
                         val_size: int | None = None, untrained_head: bool = False, progress: bool = True,
-                        given_labels: bool | None = None, score_space: str | LabelSpace | None = None) -> EvalResult:
+                        given_labels: bool | None = None, score_space: str | LabelSpace | None = None,
+                        flip: bool = False) -> EvalResult:
     """Evaluate a checkpoint directory on a store split.
 
     Args:
@@ -179,6 +184,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
             only). None = the method's default (its ``use_gt_labels`` parameter).
         score_space: score in this label space (name, YAML path or LabelSpace; see
             :func:`evaluate_rows`), e.g. ``"voc21"`` for a Cross-Joint union-space checkpoint.
+        flip: left-right flip test-time augmentation (:func:`evaluate_rows`).
 
     Raises:
         FileNotFoundError: not a checkpoint or not a store.
@@ -212,9 +218,10 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
     if max_rows is not None:
         rows = rows.slice(0, max_rows)
     return evaluate_rows(method, rows, space, device=dev, val_size=val_size or cfg.data.val_size, crf=crf,
-                         num_samples=num_samples, desc=f"eval {split}" + (" +crf" if crf else ""), progress=progress,
+                         num_samples=num_samples, progress=progress,
+                         desc=f"eval {split}" + (" +flip" if flip else "") + (" +crf" if crf else ""),
                          given_labels=method.eval_with_given_labels if given_labels is None else given_labels,
-                         score_space=_space(score_space))
+                         score_space=_space(score_space), flip=flip)
 
 
 def _space(space: str | LabelSpace | None) -> LabelSpace | None:

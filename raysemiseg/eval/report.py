@@ -121,7 +121,7 @@ def metrics_dict(result: EvalResult) -> dict:
     """JSON-ready metrics of ``result`` (NaN -> null)."""
     m = result.metrics
     return {"miou": m.miou, "pixel_acc": m.pixel_acc, "mean_acc": m.mean_acc, "num_images": result.num_images,
-            "crf": result.crf, "seconds": result.seconds,
+            "crf": result.crf, "flip": result.flip, "seconds": result.seconds,
             "iou": {result.label_space.names[k]: (float(v) if np.isfinite(v) else None) for k, v in enumerate(m.iou)}}
 
 

@@ -53,6 +53,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from raysemiseg.data.splits import ROLES
+from raysemiseg.data.store import hash_partitions
 from raysemiseg.labels import LabelSpace
 from raysemiseg.train.data import augment_batch, strong_rows_per_batch
 #: rows per record batch of the driver's planning scans (a few MB of id strings)
@@ -238,9 +239,8 @@ def _unknown_split_ids_on_ray(path: Path, store: Any) -> tuple[int, list[str]]:
 
 
 def _num_partitions(store: Any) -> int:
-    """Hash partitions of a Ray Data join: one per 4,096 store rows (~0.4 GB of encoded images), 1..10,000
-    (each partition is an aggregator's share; on a small store more of them only add start-up)."""
-    return max(1, min(10_000, len(store) // 4096))
+    """Hash partitions of a Ray Data join over ``store`` (:func:`~raysemiseg.data.store.hash_partitions`)."""
+    return hash_partitions(len(store))
 
 
 def label_shards(label_store: str | Path) -> list[Path]:

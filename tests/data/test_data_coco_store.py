@@ -116,3 +116,10 @@ def test_refuses_non_store_folder(tmp_path) -> None:
         build_store([Source("coco", tuple(map(str, sample_sources()[0])))], "voc21", tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="not an image store"):
         open_store(tmp_path)
+
+
+def test_hash_partitions_grow_with_the_store_not_with_ray_defaults() -> None:
+    # one partition per 4,096 rows, at least 1 (Ray's default of 200 cost ~5 s per small build), at most 10,000
+    from raysemiseg.data.store import hash_partitions
+
+    assert [hash_partitions(n) for n in (0, 318, 4095, 4096, 12_300, 10_000_000, 10**12)] == [1, 1, 1, 1, 3, 2441, 10_000]
