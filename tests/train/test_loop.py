@@ -1,4 +1,6 @@
-"""The one Ray Train loop end to end on the real sample: reports, checkpoints, MLflow, eval, resume."""
+"""The one Ray Train loop end to end on the real sample: a worker killed mid-run and the run continuing from
+its last checkpoint, reports, checkpoints, MLflow, eval, resume. (One run for both: each Ray Train run costs
+the suite ~15 s of start-up.)"""
 
 from __future__ import annotations
 
@@ -16,14 +18,21 @@ from raysemiseg.train.checkpoint import load_method, read_meta
 from raysemiseg.train.driver import train
 
 
-def test_train_reports_checkpoints_tracks_and_resumes(ray_session, sample_store, runs_dir, make_config) -> None:
-    cfg = load_config(make_config(sample_store, runs_dir, "loop", tracking={"enabled": True}))
+def test_train_survives_a_killed_worker_reports_checkpoints_tracks_and_resumes(
+        ray_session, sample_store, sample_split, runs_dir, make_config) -> None:
+    # mixed batches from a C3S split file (2 strong + 2 weak rows per batch, two Ray Data pools);
+    # 2 steps per epoch: the checkpoint of epoch 1 exists when rank 0 dies (os._exit) at step 3
+    over = {"tracking": {"enabled": True}, "run": {"max_failures": 1, "inject_fault_at_step": 3},
+            "data": {"split_file": str(sample_split), "strong_fraction": 0.5, "max_train_rows": 60}}
+    cfg = load_config(make_config(sample_store, runs_dir, "loop", **over))
     res = train(cfg)
 
-    # every epoch reported (rank 0 metrics), 2 kept checkpoints, scored by val mIoU
+    # the worker really died and the new attempt started from epoch 1's checkpoint
+    assert (runs_dir / "loop" / ".fault_injected").is_file()
     assert res.metrics["epoch"] == 2 and res.metrics["global_step"] == 4
-    assert res.metrics["resumed_from_epoch"] == 0
-    assert res.metrics["train/strong_fraction"] == 1.0   # the sample's rows are all pixel-labelled
+    assert res.metrics["resumed_from_epoch"] == 1
+    assert res.metrics["train/strong_fraction"] == 0.5   # every batch: exactly 2 strong of 4
+    # every epoch reported (rank 0 metrics), 2 kept checkpoints, scored by val mIoU
     assert 0.0 <= res.metrics["val_miou"] <= 1.0
     assert np.isfinite(res.metrics["train/ce"]) and res.metrics["train/loss"] == res.metrics["train/ce"]
     assert res.best_checkpoint is not None and res.latest_checkpoint is not None
@@ -55,7 +64,7 @@ def test_train_reports_checkpoints_tracks_and_resumes(ray_session, sample_store,
     assert json.loads((runs_dir / "eval" / "metrics.json").read_text())["miou"] == ev.metrics.miou
 
     # rerun with the same name and one more epoch: resumes from the last checkpoint, same MLflow run
-    cfg3 = load_config(make_config(sample_store, runs_dir, "loop", tracking={"enabled": True},
+    cfg3 = load_config(make_config(sample_store, runs_dir, "loop", **over,
                                    optim={"epochs": 3, "steps_per_epoch": 2, "lr": 0.01}))
     res3 = train(cfg3)
     assert res3.metrics["epoch"] == 3 and res3.metrics["resumed_from_epoch"] == 2
