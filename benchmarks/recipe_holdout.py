@@ -34,11 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"name:a.b=1,c=x"`` -> ``("name", {"a.b": 1, "c": "x"})`` (values parsed as YAML)."""
+    """``"name:a.b=1,c=x"`` -> ``("name", {"a.b": 1, "c": "x"})`` (values parsed as YAML). A comma splits
+    only where the next ``KEY=`` starts, so list values keep theirs: ``"wide:data.scale_range=[0.5,1.5]"``."""
+    import re
+
     from raysemiseg.quickstart import parse_overrides
 
     name, _, rest = text.partition(":")
-    return name, parse_overrides([kv for kv in rest.split(",") if kv])
+    return name, parse_overrides([kv for kv in re.split(r",(?=[\w.]+=)", rest) if kv])
 
 
 def quickstart_strong_only(store: Path, overrides: dict[str, Any]) -> Any:
