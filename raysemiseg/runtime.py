@@ -25,6 +25,26 @@ DATA_CPUS = 1.0
 SKIP_CPU_CHECK_ENV = "RAYSEMISEG_SKIP_CPU_CHECK"
 
 
+#: glibc malloc tunables for Ray's worker processes. A training step allocates and frees tensors of
+#: tens of MB (8 x 21 x 192 x 192 float32 logits and their gradients are 25 MB each); above glibc's
+#: mmap threshold each one is a fresh mmap whose pages fault in on first touch and are unmapped on
+#: free, every step. Serving them from the heap and never trimming it made the quickstart's
+#: strong-only step 0.90x as long on 2 cores (0.612 -> 0.553 s, 4 interleaved pairs of 20 steps;
+#: ``benchmarks/allocator.py``). Read by the dynamic loader at process start, so it must be in the
+#: environment the worker is started with: the local Ray's job ``runtime_env`` here, the ``ray
+#: start`` commands in ``cluster.yaml``. Workers keep their peak heap (no trim).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"
+
+
+def worker_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``{"GLIBC_TUNABLES": ...}`` for Ray workers: :data:`MALLOC_TUNABLES` after any tunables already in
+    ``environ`` (default ``os.environ``; glibc takes the last value of a repeated tunable, so a user's
+    own setting of another tunable is kept). Non-glibc platforms ignore the variable."""
+    env = os.environ if environ is None else environ
+    mine = env.get("GLIBC_TUNABLES", "")
+    return {"GLIBC_TUNABLES": f"{mine}:{MALLOC_TUNABLES}" if mine else MALLOC_TUNABLES}
+
+
 @dataclass(frozen=True)
 class CpuNeed:
     """Logical CPUs a run needs on Ray at the same time, so that it cannot hang waiting for one.
@@ -102,8 +122,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_t
     or an explicit ``address``; ``address="auto"`` joins a running cluster when there is one and
     falls back to a local one; otherwise a fresh local instance (``address="local"``: never a
     cluster that happens to run on this machine) bound to 127.0.0.1, with the dashboard (State API)
-    on 127.0.0.1 and ``num_cpus`` logical CPUs (default :func:`local_cpu_default` of ``need``:
-    the workers' CPUs plus :data:`DATA_CPUS` for Ray Data, at least the cores).
+    on 127.0.0.1, ``num_cpus`` logical CPUs (default :func:`local_cpu_default` of ``need``:
+    the workers' CPUs plus :data:`DATA_CPUS` for Ray Data, at least the cores) and the allocator
+    settings of :func:`worker_env_vars` in its workers' environment (a joined cluster sets them at
+    ``ray start``, see ``cluster.yaml``).
 
     With ``need``, every path then checks the connected Ray with :func:`check_cpu_budget`, and an
     explicit ``num_cpus`` below ``need.total`` fails before starting anything.
@@ -149,4 +171,4 @@ def _connect(address: str | None, num_cpus: int | None, log_to_driver: bool, nee
                             "the workers' CPUs plus one for Ray Data)")
     ray.init(address="local", num_cpus=num_cpus or local_cpu_default(need), include_dashboard=True,
              dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
-             configure_logging=False)
+             configure_logging=False, runtime_env={"env_vars": worker_env_vars()})
