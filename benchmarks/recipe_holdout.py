@@ -24,6 +24,7 @@ step times are noisy; at this size two seeds of one recipe differ by 2-3 mIoU po
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,8 +37,6 @@ sys.path.insert(0, str(ROOT))
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``"name:a.b=1,c=x"`` -> ``("name", {"a.b": 1, "c": "x"})`` (values parsed as YAML). A comma splits
     only where the next ``KEY=`` starts, so list values keep theirs: ``"wide:data.scale_range=[0.5,1.5]"``."""
-    import re
-
     from raysemiseg.quickstart import parse_overrides
 
     name, _, rest = text.partition(":")

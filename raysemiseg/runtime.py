@@ -29,10 +29,10 @@ SKIP_CPU_CHECK_ENV = "RAYSEMISEG_SKIP_CPU_CHECK"
 #: tens of MB (8 x 21 x 192 x 192 float32 logits and their gradients are 25 MB each); above glibc's
 #: mmap threshold each one is a fresh mmap whose pages fault in on first touch and are unmapped on
 #: free, every step. Serving them from the heap and never trimming it made the quickstart's
-#: strong-only step 0.90-0.95x as long on 2 cores (``benchmarks/allocator.py``, 4 interleaved pairs of
-#: 20 steps, two runs: 0.612 -> 0.553 s and 0.563 -> 0.538 s). Read by the dynamic loader at process start, so it must be in the
-#: environment the worker is started with: the local Ray's job ``runtime_env`` here, the ``ray
-#: start`` commands in ``cluster.yaml``. Workers keep their peak heap (no trim).
+#: strong-only step 0.90-0.95x as long on 2 cores (``benchmarks/allocator.py``). Read by the dynamic
+#: loader at process start, so it must be in the environment the worker is started with: the local
+#: Ray's job ``runtime_env`` here, the ``ray start`` commands in ``cluster.yaml``. Workers keep their
+#: peak heap (no trim).
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"
 
 
