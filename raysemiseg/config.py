@@ -42,6 +42,12 @@ class DataConfig(StrictModel):
     broadcast_join_mb: float = Field(
         64.0, ge=0.0, description="split file + label store up to this size on disk (MB) are broadcast to the "
                                   "read tasks; larger ones are joined with Ray Data's hash join (0 = always)")
+    augment_in: Literal["ray_data", "worker"] = Field(
+        "ray_data", description="where the training rows are decoded and augmented (random rescale, crop, flip): "
+                                "'ray_data' = Ray Data tasks on the cluster's CPUs, streamed to the workers (GPU "
+                                "workers, CPU nodes beside them); 'worker' = in the Train worker itself, between its "
+                                "steps (CPU-only training, where a data task beside the worker's torch threads slows "
+                                "every step: benchmarks/train_overhead.py)")
     crop_size: int = Field(256, ge=32, description="square training crop side, pixels")
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True

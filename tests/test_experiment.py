@@ -102,7 +102,7 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
         "set": {"optim": {"steps_per_epoch": 2}},
         "arms": [   # two arms (each Ray Train run costs the suite ~15 s): a label-store arm, a two-stage chain
             {"name": "dual-branch", "steps": [{"name": "train", "train": {
-                "data": {"label_store": "{labels.bbox}", "strong_fraction": 0.5},
+                "data": {"label_store": "{labels.bbox}", "strong_fraction": 0.5, "augment_in": "worker"},
                 "method": {"name": "dual_branch", "params": {"neck_depth": 1, "neck_channels": 16,
                                                              "optimizer": "sgd"}}}}]},
             {"name": "decoupled", "also_given_labels": True, "steps": [
@@ -127,6 +127,7 @@ def test_experiment_end_to_end_and_resume(sample_store, tmp_path, capsys) -> Non
     assert man["counts"]["in"] == man["counts"]["written"] + man["counts"]["quarantined"] == 24
     dual_cfg = (Path(res.arms[0].checkpoint) / "config.yaml").read_text()
     assert str(work / "labels" / "bbox") in dual_cfg and str(work / "split.parquet") in dual_cfg
+    assert "augment_in: worker" in dual_cfg        # its rows decoded and augmented in the Train worker
     summary = json.loads((work / "results.json").read_text())
     assert [a["miou"] for a in summary["arms"]] == pytest.approx([a.eval.metrics.miou for a in res.arms])
     for col in ("dual-branch", "decoupled", "decoupled-GT", "dual-branch untrained head"):

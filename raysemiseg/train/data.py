@@ -267,10 +267,15 @@ def augment_batch(batch: pa.Table, *, crop: int, scale_range: tuple[float, float
 
 
 class _Pool:
-    """Endless row stream over one dataset shard, re-iterated (reshuffled) at each pass end."""
+    """Endless row stream over one dataset shard, re-iterated (reshuffled) at each pass end; with
+    ``augment`` (:func:`augment_batch` keyword arguments) the shard yields encoded rows and each fetch is
+    decoded and augmented here, with this pool's own seeded generator."""
 
-    def __init__(self, name: str, shard: Any, fetch: int, shuffle_buffer: int, seed: int) -> None:
+    def __init__(self, name: str, shard: Any, fetch: int, shuffle_buffer: int, seed: int,
+                 augment: dict[str, Any] | None = None) -> None:
         self.name, self.shard, self.fetch, self.shuffle_buffer, self.seed = name, shard, fetch, shuffle_buffer, seed
+        self.augment = augment
+        self.rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         self.passes = 0
         self._it: Iterator[dict[str, np.ndarray]] | None = None
         self._buf: list[dict[str, np.ndarray]] = []
@@ -279,9 +284,12 @@ class _Pool:
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
             rows = 0
-            for b in self.shard.iter_batches(batch_size=self.fetch, batch_format="numpy", prefetch_batches=2,
+            fmt = "numpy" if self.augment is None else "pyarrow"
+            for b in self.shard.iter_batches(batch_size=self.fetch, batch_format=fmt, prefetch_batches=2,
                                              local_shuffle_buffer_size=self.shuffle_buffer or None,
                                              local_shuffle_seed=self.seed + self.passes if self.shuffle_buffer else None):
+                if self.augment is not None:
+                    b = augment_batch(b, **self.augment, rng=self.rng)
                 rows += len(b["image_id"])
                 yield b
             self.passes += 1
@@ -315,10 +323,13 @@ class BatchSampler:
         strong_fraction: ``f`` or None (one pool, batches as sampled).
         shuffle_buffer: local shuffle buffer in rows (0 = none).
         seed: shuffle seed (pass ``p`` uses ``seed + p``).
+        augment: None when the shards yield augmented rows (Ray Data did it); else the keyword arguments of
+            :func:`augment_batch` (``DataPlan.augment``, ``data.augment_in: worker``): the shards yield encoded
+            rows and this process decodes and augments each fetch (seeded by ``seed`` and the pool).
     """
 
     def __init__(self, shards: dict[str, Any], batch_size: int, strong_fraction: float | None,
-                 shuffle_buffer: int = 0, seed: int = 0) -> None:
+                 shuffle_buffer: int = 0, seed: int = 0, augment: dict[str, Any] | None = None) -> None:
         self.batch_size = batch_size
         if strong_fraction is None:
             self.quota = {"train": batch_size}
@@ -328,7 +339,7 @@ class BatchSampler:
         missing = set(self.quota) - set(shards)
         if missing:
             raise ValueError(f"missing dataset shards {sorted(missing)}; have {sorted(shards)}")
-        self.pools = {name: _Pool(name, shards[name], k, shuffle_buffer, seed) for name, k in self.quota.items()}
+        self.pools = {name: _Pool(name, shards[name], k, shuffle_buffer, seed, augment) for name, k in self.quota.items()}
 
     def next(self) -> dict[str, np.ndarray]:
         """One batch of ``batch_size`` rows (strong rows first), numpy arrays as in :func:`augment_batch`."""

@@ -165,7 +165,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> tu
         (local_root / cfg.run.name).mkdir(parents=True, exist_ok=True)
         fault_marker = str(local_root / cfg.run.name / ".fault_injected")
     worker_config = {"cfg": cfg.model_dump(mode="json"), "steps_per_epoch": steps, "fault_marker": fault_marker,
-                     "pools": sorted(plan.pool_rows), "val": plan.val,
+                     "pools": sorted(plan.pool_rows), "val": plan.val, "augment": plan.augment,
                      "label_space": {**plan.label_space.to_dict(), "name": plan.label_space.name}}
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {}), **sc.resources_per_worker}

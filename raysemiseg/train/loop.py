@@ -653,7 +653,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     names = ["train"] if cfg.data.strong_fraction is None else [
         n for n in ("train_strong", "train_weak") if n in config["pools"]]
     sampler = BatchSampler({n: ray.train.get_dataset_shard(n) for n in names}, cfg.data.batch_size,
-                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank)
+                           cfg.data.strong_fraction, cfg.data.shuffle_buffer, seed=cfg.run.seed + 1000 * rank,
+                           augment=config.get("augment"))
     val_shard = config["val"]        # ValRows: each worker scans its share of the store (plan.ValRows)
     num_nodes = count_nodes(device)
 

@@ -74,6 +74,9 @@ class DataPlan:
         label_space: the store's label space (masks are in it).
         join: how roles and pseudo labels were attached: ``"none"`` (store columns only),
             ``"broadcast"`` or ``"ray"`` (Ray Data hash join).
+        augment: None when the datasets yield augmented rows (``data.augment_in: ray_data``); with
+            ``data.augment_in: worker`` they yield the encoded rows and this holds the keyword arguments
+            of :func:`~raysemiseg.train.data.augment_batch`, which the worker applies to each fetch.
     """
 
     datasets: dict[str, Any]
@@ -81,6 +84,7 @@ class DataPlan:
     val: ValRows
     label_space: LabelSpace
     join: str = "none"
+    augment: dict[str, Any] | None = None
 
     @property
     def val_rows(self) -> int:
@@ -530,12 +534,14 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
             ds = _ray_joined(d, store, split_path, shards, recipe, role, columns, cap_ids, pool_seed)
         else:
             ds = _broadcast_joined(d, store, split_path, side, role, columns, cap_ids, n_rows, pool_seed)
-        datasets[name] = ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow", batch_size=16)
+        in_worker = d.augment_in == "worker"
+        datasets[name] = ds if in_worker else ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow",
+                                                              batch_size=16)
     val = _val_rows(d, store, split_path, seed)
     if not val.n_rows:
         raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
     return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val=val,
-                    label_space=space, join=join)
+                    label_space=space, join=join, augment=aug if d.augment_in == "worker" else None)
 
 
 def _label_ids_among(shards: list[Path], recipe: str | None, ids: pa.Array) -> pa.Array:

@@ -233,6 +233,38 @@ def test_sampler_single_pool_and_errors() -> None:
         empty.next()
 
 
+def test_sampler_augments_encoded_rows_in_the_worker_reproducibly(ray_session) -> None:
+    """``data.augment_in: worker``: the shard (a real Ray Data iterator over encoded store rows) yields rows as
+    stored and the sampler decodes and augments each fetch itself, with its pool's seeded generator: the same
+    seed gives the same crops, another seed other crops; a weak row's mask is void, its pseudo label kept."""
+    import ray.data
+
+    img = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    mask = np.zeros((6, 10), np.uint8)
+    mask[:, 5:] = 3
+    rows = [{"image_id": "s", "image": encode_image(img, fmt="png"), "mask": encode_mask(mask), "labels": [3],
+             "role": "strong"},
+            {"image_id": "w", "image": encode_image(img, fmt="png"), "mask": encode_mask(mask), "labels": [3],
+             "role": "weak", "pseudo": encode_mask(np.full((6, 10), 3, np.uint8))}]
+    aug = dict(crop=8, scale_range=(0.5, 2.0), flip=True, ignore_index=255, num_classes=21, uses_boxes=False, seed=0)
+
+    def two_batches(seed: int) -> list[dict[str, np.ndarray]]:
+        shard = ray.data.from_arrow(_store_rows(rows)).iterator()
+        s = BatchSampler({"train": shard}, batch_size=2, strong_fraction=None, seed=seed, augment=aug)
+        return [s.next(), s.next()]
+
+    a, b, c = two_batches(5), two_batches(5), two_batches(6)
+    first = a[0]
+    assert first["image"].shape == (2, 8, 8, 3) and first["image"].dtype == np.uint8
+    assert first["image_id"].tolist() == ["s", "w"] and first["is_strong"].tolist() == [True, False]
+    assert (first["mask"][1] == 255).all()                                  # a weak row never shows its mask
+    assert set(np.unique(first["pseudo"][1][first["valid"][1]])) == {3}     # its pseudo label, on the image pixels
+    assert set(np.unique(first["mask"][0][first["valid"][0]])) <= {0, 3}
+    for x, y in zip(a, b):
+        assert all(np.array_equal(x[k], y[k]) for k in x)                   # seeded: the same crops again
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))   # another seed, other crops
+
+
 def test_collate_normalises_with_backbone_stats() -> None:
     rows = {"image": np.full((1, 2, 2, 3), 255, np.uint8), "mask": np.zeros((1, 2, 2), np.uint8),
             "pseudo": np.full((1, 2, 2), 255, np.uint8), "labels": np.array([[1, 0, 1]], np.uint8),
