@@ -23,7 +23,7 @@ KNOBS = "scaling.cpus_per_worker"
 
 
 def _run(args: list[str], cwd: Path, timeout: int, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GLIBC_TUNABLES")}
     env.update({"PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env_extra or {})})
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -45,13 +45,37 @@ def test_local_ray_is_sized_for_the_workers_plus_data() -> None:
     assert local_cpu_default() == cores
 
 
+#: ``raysemiseg train`` in a fresh process, then one more task on the local Ray that command started: its
+#: worker's environment (the allocator settings, raysemiseg.runtime.worker_env_vars) and the driver's own
+TRAIN_THEN_ENV = """
+import os, sys
+import ray
+from raysemiseg.cli import main
+rc = main(["train", sys.argv[1]])
+@ray.remote(num_cpus=1)
+def env():
+    return os.environ.get("GLIBC_TUNABLES"), os.getpid()
+tunables, pid = ray.get(env.remote())
+print("worker", tunables, pid != os.getpid())
+print("driver", os.environ.get("GLIBC_TUNABLES"))
+sys.exit(rc)
+"""
+
+
 def test_the_former_hang_trains_on_a_local_ray_with_room_for_data(sample_store, tmp_path, make_config) -> None:
+    """The former hang trains; the local Ray that ``raysemiseg train`` starts gives its workers the glibc
+    malloc tunables (:data:`raysemiseg.runtime.MALLOC_TUNABLES`) and leaves the driver's environment alone."""
+    from raysemiseg.runtime import MALLOC_TUNABLES
+
     # cpus_per_worker = every core of this machine (2 on the CI box): the old local Ray had exactly that
     cores = max(os.cpu_count() or 1, 2)
     cfg = _train_yaml(make_config, sample_store, tmp_path, "hang", cpus_per_worker=cores)
-    proc = _run(["-m", "raysemiseg.cli", "train", str(cfg)], tmp_path, timeout=420)
+    proc = _run(["-c", TRAIN_THEN_ENV, str(cfg)], tmp_path, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"val_miou"' in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert f"worker {MALLOC_TUNABLES} True" in lines      # a separate worker process, started with them
+    assert "driver None" in lines                         # the driver's own environment is not touched
 
 
 def _sweep(tmp: Path, base: Path) -> list[str]:
