@@ -23,6 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     from raysemiseg.runtime import ensure_ray
     from raysemiseg.train.driver import cpu_need, train
 
+    # everything the driver imports later, imported before it joins the cluster: when a job's driver connects,
+    # every node's runtime-env agent sets up the job's working dir, and on a test cluster of several raylets on one
+    # machine they share one runtime_resources folder, so a module first imported after that moment could be read
+    # mid-rewrite (seen once in CI: ModuleNotFoundError for raysemiseg.tune.tracking inside train())
+    import raysemiseg.methods  # noqa: F401
+    import raysemiseg.train.checkpoint  # noqa: F401
+    import raysemiseg.train.loop  # noqa: F401
+    import raysemiseg.train.plan  # noqa: F401
+    import raysemiseg.tune.tracking  # noqa: F401
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
