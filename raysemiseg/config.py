@@ -46,8 +46,8 @@ class DataConfig(StrictModel):
         "ray_data", description="where the training rows are decoded and augmented (random rescale, crop, flip): "
                                 "'ray_data' = Ray Data tasks on the cluster's CPUs, streamed to the workers (GPU "
                                 "workers, CPU nodes beside them); 'worker' = in the Train worker itself, between its "
-                                "steps (CPU-only training, where a data task beside the worker's torch threads slows "
-                                "every step: benchmarks/train_overhead.py)")
+                                "steps (CPU-only training: the same s/step, no Ray Data map tasks to start per run "
+                                "and pass; benchmarks/augment_in.py)")
     crop_size: int = Field(256, ge=32, description="square training crop side, pixels")
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True

@@ -528,20 +528,20 @@ def build_datasets(cfg: Any, uses_boxes: bool = False) -> DataPlan:
                                uses_boxes=uses_boxes, seed=seed)
     side = _broadcast_side(d, split_path, labels, cap_table) if join == "broadcast" else None
     datasets: dict[str, Any] = {}
+    in_worker = d.augment_in == "worker"
     for i, (name, (role, n_rows)) in enumerate(pools.items()):
         pool_seed = seed * 1009 + i
         if join == "ray":
             ds = _ray_joined(d, store, split_path, shards, recipe, role, columns, cap_ids, pool_seed)
         else:
             ds = _broadcast_joined(d, store, split_path, side, role, columns, cap_ids, n_rows, pool_seed)
-        in_worker = d.augment_in == "worker"
         datasets[name] = ds if in_worker else ds.map_batches(augment_batch, fn_kwargs=aug, batch_format="pyarrow",
                                                               batch_size=16)
     val = _val_rows(d, store, split_path, seed)
     if not val.n_rows:
         raise ValueError(f"no validation rows: split {d.val_split!r} is empty in {d.store}")
     return DataPlan(datasets=datasets, pool_rows={name: n for name, (_, n) in pools.items()}, val=val,
-                    label_space=space, join=join, augment=aug if d.augment_in == "worker" else None)
+                    label_space=space, join=join, augment=aug if in_worker else None)
 
 
 def _label_ids_among(shards: list[Path], recipe: str | None, ids: pa.Array) -> pa.Array:
