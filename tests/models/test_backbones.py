@@ -186,3 +186,53 @@ def test_efficientnet_stages_partition_the_blocks() -> None:
     blocks = [b for s in stages[1:] for b in s]
     assert len(blocks) == 16 and all(a is b for a, b in zip(blocks, bb._blocks))
     assert [int(s[-1]._block_args.output_filters) for s in stages[1:]] == [16, 24, 40, 80, 112, 192, 320]
+
+
+def test_space_to_batch_conv_hand_checked() -> None:
+    """3x3 kernel of ones, dilation 2, "same" zero padding, on a 3x3 image of ones: a pixel sums the
+    taps at offsets {-2, 0, 2}^2 that fall inside, 4 at the corners, 2 on the edges, 1 in the centre."""
+    from raysemiseg.models.backbones import SpaceToBatchConv2d
+
+    conv = SpaceToBatchConv2d(1, 1, 3, dilation=2, groups=1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    out = conv(torch.ones(1, 1, 3, 3))
+    assert out[0, 0].tolist() == [[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]]
+
+
+@pytest.mark.parametrize("k,d,size", [(5, 2, (12, 12)), (5, 2, (13, 20)), (3, 2, (7, 9)), (3, 4, (12, 11)),
+                                      (5, 4, (3, 5)), (3, 2, (1, 1))])
+def test_space_to_batch_conv_equals_dilated_depthwise_conv(k: int, d: int, size: tuple[int, int]) -> None:
+    """The space-to-batch form of the dilated depthwise conv (DeepLab's atrous trick) gives torch's
+    dilated "same" convolution, its input gradient and its weight gradient, on any H, W."""
+    import torch.nn.functional as F
+
+    from raysemiseg.models.backbones import SpaceToBatchConv2d
+
+    torch.manual_seed(0)
+    c = 6
+    conv = SpaceToBatchConv2d(c, c, k, dilation=d, groups=c, bias=False)
+    x = torch.randn(2, c, *size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = conv.weight.detach().clone().requires_grad_()
+    p = (k - 1) * d  # TF "same", stride 1
+    ref = F.conv2d(F.pad(x_ref, [p // 2, p - p // 2, p // 2, p - p // 2]), w_ref, dilation=d, groups=c)
+    out = conv(x)
+    assert out.shape == (2, c, *size)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_efficientnet_dilated_blocks_use_space_to_batch_and_keep_weight_names() -> None:
+    """os 16: blocks 12..15 (dilation 2) run their depthwise conv in space-to-batch form; the
+    parameter names are the package's (the ImageNet state dict loads), blocks 0..11 are unchanged."""
+    from raysemiseg.models.backbones import SpaceToBatchConv2d
+
+    bb = EfficientNetLite0(output_stride=16, pretrained=False)
+    kinds = [isinstance(b._depthwise_conv, SpaceToBatchConv2d) for b in bb._blocks]
+    assert kinds == [False] * 12 + [True] * 4
+    assert "_blocks.12._depthwise_conv.weight" in bb.state_dict()
