@@ -73,10 +73,23 @@ def test_file_uri_storage_end_to_end(ray_session, sample_store, tmp_path, make_c
     want = hashlib.sha256((best_local / "model.pt").read_bytes()).hexdigest()
     assert {json.loads(r["provenance"])["checkpoint_sha256"] for r in rows} == {want}
 
-    # rerun of the finished run: a no-op resume whose metrics come from the best checkpoint's meta (URI)
+    # rerun of the finished run: answered from the checkpoints' meta (through the URI), no Ray Train run started
+    import raysemiseg.train.driver as driver
+
+    def no_trainer(*a, **k):
+        raise AssertionError("a finished run must not start Ray Train again")
+
+    monkeypatch.setattr(driver, "build_trainer", no_trainer)
     again = train(cfg)
-    assert again.best_checkpoint == res.best_checkpoint
-    assert again.metrics["epoch"] == read_meta(res.best_checkpoint)["epoch"]
+    assert (again.best_checkpoint, again.latest_checkpoint) == (res.best_checkpoint, res.latest_checkpoint)
+    assert again.checkpoint == res.checkpoint and again.run_dir == res.run_dir
+    assert again.metrics == read_meta(res.latest_checkpoint)["metrics"] and again.metrics["epoch"] == 2
+    assert again.mlflow_run_id == res.mlflow_run_id
+    # one more epoch is not finished: Ray Train is asked for it
+    longer = load_config(make_config(sample_store, runs, "uri", scaling={"num_workers": 2, "cpus_per_worker": 1},
+                                     run={"storage_path": root}, tracking={"enabled": True}, optim={"epochs": 3}))
+    with pytest.raises(AssertionError, match="must not start Ray Train"):
+        train(longer)
     capsys.readouterr()
 
 
