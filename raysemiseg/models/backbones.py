@@ -24,6 +24,7 @@ cache (``$TORCH_HOME/hub/checkpoints``) or from ``ModelConfig.weights_path``; wh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -137,6 +138,12 @@ class Backbone(nn.Module):
         return self
 
 
+#: how dilated depthwise convolutions run on CPU (:class:`SpaceToBatchConv2d`): "space_to_batch" or "dilated"
+ATROUS_CPU: str = os.environ.get("RAYSEMISEG_ATROUS", "space_to_batch")
+if ATROUS_CPU not in ("space_to_batch", "dilated"):
+    raise ValueError(f"RAYSEMISEG_ATROUS={ATROUS_CPU!r}: valid are 'space_to_batch' (default) and 'dilated'")
+
+
 class SpaceToBatchConv2d(nn.Conv2d):
     """Stride-1 dilated convolution with TF "same" padding, computed in space-to-batch form.
 
@@ -147,8 +154,11 @@ class SpaceToBatchConv2d(nn.Conv2d):
     ``space_to_batch``). The arithmetic is the same as ``F.conv2d(..., dilation=d)``; only the
     memory order differs. Why: on CPU, oneDNN's backward of a dilated depthwise convolution is
     slow; for EfficientNet-Lite0's 5x5 depthwise conv at 1152 channels (8 x 12 x 12 outputs,
-    2 cores) forward + backward take 104 ms dilated vs 63 ms in this form (``benchmarks/atrous.py``).
-    On CUDA the dilated kernel is used directly.
+    2 cores, AMD EPYC with AVX2) forward + backward take 104 ms dilated vs 63 ms in this form
+    (``benchmarks/atrous.py``). An earlier 2-core machine measured the opposite (76 vs 60 ms), so the
+    form is a switch: environment variable ``RAYSEMISEG_ATROUS=dilated`` (read at import, so set it
+    where the Train workers start, e.g. a Ray ``runtime_env``) uses torch's dilated kernel on CPU too.
+    On CUDA the dilated kernel is used always.
 
     Shapes: (N, C_in, H, W) float -> (N, C_out, H, W), any H, W >= 1. Weight names are
     ``nn.Conv2d``'s (``weight``, ``bias``), so state dicts load unchanged.
@@ -166,7 +176,7 @@ class SpaceToBatchConv2d(nn.Conv2d):
         dh, dw = self.dilation
         ph, pw = (kh - 1) * dh, (kw - 1) * dw  # TF "same" at stride 1
         h, w = x.shape[-2:]
-        if x.device.type != "cpu" or (dh, dw) == (1, 1):
+        if x.device.type != "cpu" or (dh, dw) == (1, 1) or ATROUS_CPU == "dilated":
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
             return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
         hp, wp = -(-(h + ph) // dh) * dh, -(-(w + pw) // dw) * dw  # padded, then rounded up to the grid

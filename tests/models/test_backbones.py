@@ -200,14 +200,20 @@ def test_space_to_batch_conv_hand_checked() -> None:
     assert out[0, 0].tolist() == [[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]]
 
 
+@pytest.mark.parametrize("mode", ["space_to_batch", "dilated"])
 @pytest.mark.parametrize("k,d,size", [(5, 2, (12, 12)), (5, 2, (13, 20)), (3, 2, (7, 9)), (3, 4, (12, 11)),
                                       (5, 4, (3, 5)), (3, 2, (1, 1))])
-def test_space_to_batch_conv_equals_dilated_depthwise_conv(k: int, d: int, size: tuple[int, int]) -> None:
+def test_space_to_batch_conv_equals_dilated_depthwise_conv(k: int, d: int, size: tuple[int, int], mode: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The space-to-batch form of the dilated depthwise conv (DeepLab's atrous trick) gives torch's
-    dilated "same" convolution, its input gradient and its weight gradient, on any H, W."""
+    dilated "same" convolution, its input gradient and its weight gradient, on any H, W; so does the
+    ``RAYSEMISEG_ATROUS=dilated`` switch."""
     import torch.nn.functional as F
 
+    from raysemiseg.models import backbones
     from raysemiseg.models.backbones import SpaceToBatchConv2d
+
+    monkeypatch.setattr(backbones, "ATROUS_CPU", mode)
 
     torch.manual_seed(0)
     c = 6
@@ -236,3 +242,14 @@ def test_efficientnet_dilated_blocks_use_space_to_batch_and_keep_weight_names() 
     kinds = [isinstance(b._depthwise_conv, SpaceToBatchConv2d) for b in bb._blocks]
     assert kinds == [False] * 12 + [True] * 4
     assert "_blocks.12._depthwise_conv.weight" in bb.state_dict()
+
+
+def test_unknown_atrous_switch_fails_at_import_naming_the_values() -> None:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import raysemiseg.models.backbones"], capture_output=True, text=True,
+                          env={**os.environ, "RAYSEMISEG_ATROUS": "fast"}, timeout=120)
+    assert proc.returncode != 0
+    assert "RAYSEMISEG_ATROUS='fast': valid are 'space_to_batch' (default) and 'dilated'" in proc.stderr
