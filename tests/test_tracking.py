@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +38,7 @@ def mlflow_server(tmp_path):
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -51,11 +53,12 @@ def mlflow_server(tmp_path):
         proc.kill()
         raise RuntimeError("mlflow server did not come up in 120 s")
     yield url
-    proc.terminate()
+    proc.terminate()  # the server's graceful shutdown waits ~6 s for idle connections: not worth the suite's time
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker processes
+        proc.wait(timeout=20)
 
 
 def _cfg(tmp_path: Path, uri: str | None = None):

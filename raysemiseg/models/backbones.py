@@ -154,8 +154,8 @@ class SpaceToBatchConv2d(nn.Conv2d):
     ``space_to_batch``). The arithmetic is the same as ``F.conv2d(..., dilation=d)``; only the
     memory order differs. Why: on CPU, oneDNN's backward of a dilated depthwise convolution is
     slow; for EfficientNet-Lite0's 5x5 depthwise conv at 1152 channels (8 x 12 x 12 outputs,
-    2 cores, AMD EPYC with AVX2) forward + backward take 104 ms dilated vs 63 ms in this form
-    (``benchmarks/atrous.py``). An earlier 2-core machine measured the opposite (76 vs 60 ms), so the
+    2 cores, AMD EPYC with AVX2) forward + backward take 79 ms dilated vs 69 ms in this form, and the
+    quickstart's strong-only training step 0.617 vs 0.546 s (``benchmarks/atrous.py``). An earlier 2-core machine measured the opposite (76 vs 60 ms), so the
     form is a switch: environment variable ``RAYSEMISEG_ATROUS=dilated`` (read at import, so set it
     where the Train workers start, e.g. a Ray ``runtime_env``) uses torch's dilated kernel on CPU too.
     On CUDA the dilated kernel is used always.
