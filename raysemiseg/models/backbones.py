@@ -177,8 +177,7 @@ class SpaceToBatchConv2d(nn.Conv2d):
         ph, pw = (kh - 1) * dh, (kw - 1) * dw  # TF "same" at stride 1
         h, w = x.shape[-2:]
         if x.device.type != "cpu" or (dh, dw) == (1, 1) or ATROUS_CPU == "dilated":
-            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-            return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
+            return self.forward_dilated(x)
         hp, wp = -(-(h + ph) // dh) * dh, -(-(w + pw) // dw) * dw  # padded, then rounded up to the grid
         x = F.pad(x, [pw // 2, wp - w - pw // 2, ph // 2, hp - h - ph // 2])
         n, c = x.shape[:2]
@@ -187,6 +186,15 @@ class SpaceToBatchConv2d(nn.Conv2d):
         oh, ow = y.shape[-2:]
         y = y.view(dh, dw, n, -1, oh, ow).permute(2, 3, 4, 0, 5, 1).reshape(n, -1, oh * dh, ow * dw)
         return y[:, :, :h, :w]
+
+    def forward_dilated(self, x: Tensor) -> Tensor:
+        """The same convolution with torch's dilated kernel (CUDA, ``RAYSEMISEG_ATROUS=dilated``)."""
+        import torch.nn.functional as F
+
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        ph, pw = (kh - 1) * dh, (kw - 1) * dw
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, 1, 0, self.dilation, self.groups)
 
 
 def _check_stride(name: str, output_stride: int) -> int:

@@ -110,16 +110,27 @@ def find_checkpoint(path: str | Path) -> str:
     fs, p = filesystem(s)
     if fs.get_file_info(p.rstrip("/") + "/" + MODEL_FILE).type == pafs.FileType.File:
         return s if is_uri(s) else p
-    found: list[str] = []
-    if fs.get_file_info(p).type == pafs.FileType.Directory:
-        for info in fs.get_file_info(pafs.FileSelector(p)):
-            if (info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-                    and fs.get_file_info(info.path + "/" + MODEL_FILE).type == pafs.FileType.File):
-                found.append(info.base_name)
+    found = run_checkpoints(s)
     if not found:
         raise FileNotFoundError(f"{s} is neither a checkpoint directory ({MODEL_FILE}) nor a training run folder "
                                 "with checkpoint_* directories")
-    return join(s, max(found)) if is_uri(s) else str(Path(p) / max(found))
+    return found[-1]
+
+
+def run_checkpoints(run_dir: str | Path) -> list[str]:
+    """The ``checkpoint_*`` directories of a Ray Train run folder that hold ``model.pt``, oldest first
+    (Ray Train V2's ``checkpoint_<timestamp>`` names sort in time order); local paths or URIs, as
+    ``run_dir`` is given. Empty when the folder does not exist."""
+    import pyarrow.fs as pafs
+
+    s = str(run_dir)
+    fs, p = filesystem(s)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    names = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(p))
+                   if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                   and fs.get_file_info(info.path + "/" + MODEL_FILE).type == pafs.FileType.File)
+    return [join(s, n) if is_uri(s) else str(Path(p) / n) for n in names]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

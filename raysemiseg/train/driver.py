@@ -261,27 +261,18 @@ def _train_fn(config: dict[str, Any]) -> None:
 
 def finished_run(cfg: TrainConfig) -> TrainResult | None:
     """The result of a run whose checkpoints already cover ``cfg.optim.epochs``, read from its run
-    folder (each ``checkpoint_*`` directory's ``meta.json``; local or URI), or None when there is
-    none or it has epochs left. Lets a rerun of a finished run return at once instead of starting
-    Ray Train's controller and workers only to find no step left (~15 s on 2 cores).
+    folder (each checkpoint's ``meta.json``; local or URI), or None when there is none or it has
+    epochs left. Lets a rerun of a finished run return at once instead of starting Ray and Ray
+    Train's controller and workers only to find no step left (~15 s on 2 cores).
 
     ``metrics`` are the latest checkpoint's (the last epoch reported), ``history`` the kept
-    checkpoints' metrics in time order; ``checkpoint`` follows :func:`checkpoint_rule`. Directories
-    without a readable ``meta.json`` (a checkpoint being written when a run was killed) are ignored.
+    checkpoints' metrics in time order; ``checkpoint`` follows :func:`checkpoint_rule`. A checkpoint
+    without a readable ``meta.json`` (being written when a run was killed) is ignored.
     """
-    import pyarrow.fs as pafs
+    from raysemiseg.train.checkpoint import read_meta, run_checkpoints
 
-    from raysemiseg.train.checkpoint import read_meta
-
-    run_dir = run_location(cfg)
-    fs, p = storage.filesystem(run_dir)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return None
     kept: list[tuple[str, dict[str, Any]]] = []
-    for info in sorted(fs.get_file_info(pafs.FileSelector(p)), key=lambda i: i.base_name):
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        loc = storage.join(run_dir, info.base_name) if storage.is_uri(run_dir) else info.path
+    for loc in run_checkpoints(run_location(cfg)):
         try:
             kept.append((loc, dict(read_meta(loc).get("metrics") or {})))
         except (FileNotFoundError, ValueError):
@@ -292,7 +283,7 @@ def finished_run(cfg: TrainConfig) -> TrainResult | None:
     if int(last.get("epoch", 0)) < cfg.optim.epochs:
         return None
     rule = checkpoint_rule(cfg)
-    return TrainResult(run_dir=run_dir, best_checkpoint=select_checkpoint(kept), latest_checkpoint=latest,
+    return TrainResult(run_dir=run_location(cfg), best_checkpoint=select_checkpoint(kept), latest_checkpoint=latest,
                        metrics=last, history=[m for _, m in kept],
                        checkpoint=select_checkpoint(kept, rule, latest), checkpoint_rule=rule)
 
@@ -319,24 +310,20 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
     """
     from raysemiseg.tune.tracking import Tracker
 
-    ensure_ray(ray_address, num_cpus, need=cpu_need(cfg))
-    storage.require_shared_paths({"data.store": cfg.data.store, "data.split_file": cfg.data.split_file,
-                                  "data.label_store": cfg.data.label_store, "run.storage_path": cfg.run.storage_path},
-                                 what=f"training run {cfg.run.name!r}")
+    done = finished_run(cfg)  # every epoch checkpointed already: neither Ray nor Ray Train is started
+    if done is None:
+        ensure_ray(ray_address, num_cpus, need=cpu_need(cfg))
+        storage.require_shared_paths({"data.store": cfg.data.store, "data.split_file": cfg.data.split_file,
+                                      "data.label_store": cfg.data.label_store, "run.storage_path": cfg.run.storage_path},
+                                     what=f"training run {cfg.run.name!r}")
     check_run_config(cfg)
     own_tracker = tracker is None and cfg.tracking.enabled
     if own_tracker:
         tracker = Tracker.for_run(cfg)
         tracker.start()
-    done = finished_run(cfg)
-    if done is not None:  # every epoch is checkpointed already: no Ray Train start-up for a no-op resume
+    if done is not None:
         log.info("run %s: finished earlier (epoch %s of %s)", cfg.run.name, done.metrics.get("epoch"), cfg.optim.epochs)
-        if tracker is not None:
-            done.mlflow_run_id, done.tracking_uri = tracker.run_id, tracker.tracking_uri
-            tracker.log_checkpoint(done.best_checkpoint, done.latest_checkpoint)
-            if own_tracker:
-                tracker.end("FINISHED")
-        return done
+        return _tracked(done, tracker, own_tracker)
     callbacks = [tracker.callback()] if tracker is not None else []
     trainer, _ = build_trainer(cfg, callbacks=callbacks)
     try:
@@ -360,10 +347,14 @@ def train(cfg: TrainConfig, *, tracker: Any | None = None, ray_address: str | No
         metrics = read_meta(best_loc)["metrics"]
     out = TrainResult(run_dir=run_location(cfg), best_checkpoint=best_loc,
                       latest_checkpoint=checkpoint_location(result.checkpoint, sp), metrics=metrics, history=history,
-                      checkpoint=checkpoint_location(chosen, sp), checkpoint_rule=rule,
-                      mlflow_run_id=tracker.run_id if tracker is not None else None,
-                      tracking_uri=tracker.tracking_uri if tracker is not None else None)
+                      checkpoint=checkpoint_location(chosen, sp), checkpoint_rule=rule)
+    return _tracked(out, tracker, own_tracker)
+
+
+def _tracked(out: TrainResult, tracker: Any | None, own_tracker: bool) -> TrainResult:
+    """``out`` with the MLflow run it is tracked in; logs its checkpoints and ends a tracker ``train`` started."""
     if tracker is not None:
+        out.mlflow_run_id, out.tracking_uri = tracker.run_id, tracker.tracking_uri
         tracker.log_checkpoint(out.best_checkpoint, out.latest_checkpoint)
         if own_tracker:
             tracker.end("FINISHED")
